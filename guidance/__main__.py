@@ -1,0 +1,5 @@
+import sys
+
+from guidance.cli import main
+
+sys.exit(main())

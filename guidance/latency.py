@@ -111,7 +111,9 @@ class LatencyHistogram:
                 return math.nan
             rank = max(1, math.ceil(q / 100.0 * self._n))
             idx = int(np.searchsorted(np.cumsum(self._counts), rank))
-            value = min(self._bucket_upper_ns(idx), float(self._max))
+            # the last bucket is the overflow bucket: its only honest bound is the exact max
+            upper = float(self._max) if idx >= self._NBUCKETS - 1 else self._bucket_upper_ns(idx)
+            value = min(upper, float(self._max))
             value = max(value, float(self._min))
         return value / 1e6
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Set everything up and run the app or the tests: the README's two commands.
+
+    python3 dev.py run     # create .venv, install, open the app on the built-in simulated scanner
+    python3 dev.py test    # create .venv, install with test tools, run lint, types, contracts and tests
+
+Needs only Python 3.11+. The virtual environment lives in ./.venv and is reused; it is (re)installed
+when pyproject.toml changes. Extra arguments go to the app or to pytest:
+
+    python3 dev.py run --modality fluoro
+    python3 dev.py test -k igtl
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".guidance-installed"
+
+# torch is optional (extra "train"); the CPU wheel is pinned so pip never pulls a multi-GB CUDA build.
+TORCH_CPU = "torch==2.13.0"
+
+
+def _sh(*cmd: str | os.PathLike[str], check: bool = True, env: dict[str, str] | None = None) -> int:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, check=check, env=env).returncode
+
+
+def ensure_venv(extras: str) -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"Python 3.11 or newer is needed (this is {sys.version.split()[0]})")
+    if not PY.exists():
+        print(f"Creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, upgrade_deps=False).create(VENV)
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    have = STAMP.read_text().strip() if STAMP.exists() else ""
+    if have != want:
+        _sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+        _sh(PY, "-m", "pip", "install", "--quiet", "-e", f".[{extras}]" if extras else ".")
+        STAMP.write_text(want)
+
+
+def want_torch() -> None:
+    """Install the pinned CPU torch when the tests should exercise the torch paths (CI, or asked)."""
+    if os.environ.get("GUIDANCE_WITH_TORCH", os.environ.get("CI", "")).lower() in {"1", "true", "yes"}:
+        probe = subprocess.run([str(PY), "-c", "import torch"], capture_output=True, check=False)
+        if probe.returncode != 0:
+            _sh(PY, "-m", "pip", "install", "--quiet", TORCH_CPU)
+
+
+def cmd_run(args: list[str]) -> int:
+    ensure_venv("")
+    return _sh(BIN / "guidance", "demo", *args, check=False)
+
+
+def cmd_test(args: list[str]) -> int:
+    ensure_venv("dev")
+    want_torch()
+    steps: list[tuple[str, list[str | os.PathLike[str]]]] = [
+        ("ruff", [BIN / "ruff", "check", "."]),
+        ("ruff format", [BIN / "ruff", "format", "--check", "."]),
+        ("mypy", [BIN / "mypy"]),
+        ("import contracts", [BIN / "lint-imports"]),
+    ]
+    failed = [name for name, cmd in steps if _sh(*cmd, check=False) != 0]
+    env = dict(os.environ, QT_QPA_PLATFORM=os.environ.get("QT_QPA_PLATFORM", "offscreen"))
+    rc = _sh(PY, "-m", "pytest", *args, check=False, env=env)
+    if failed:
+        print(f"FAILED checks: {', '.join(failed)}", file=sys.stderr)
+        return rc or 1
+    return rc
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"run", "test"}:
+        print(__doc__)
+        return 2
+    return cmd_run(argv[1:]) if argv[0] == "run" else cmd_test(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""The live pipeline: newest frame -> engine -> interpretation -> newest result, under a latency budget.
+
+One inference worker is the single consumer of the frame slot. It always takes the newest frame, so a slow
+engine makes it skip frames (counted) instead of building a backlog; the display never waits for it because
+the UI paints the newest *frame* on its own and draws the newest *result* with its age.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from engines.base import SegmentationEngine
+from guidance.interpretation import Interpreter
+from guidance.latency import LatencyMonitor, RateMeter, StageTimes
+from guidance.results import GuidanceResult
+from guidance.slots import LatestSlot, SlotClosed
+from streaming.frame import Frame
+
+logger = logging.getLogger(__name__)
+
+#: Histogram names recorded by the pipeline (milliseconds).
+LATENCY_NAMES = (
+    "sent_to_received",  # sender wall stamp -> last byte received (same-host clocks)
+    "queue",  # received -> inference start (time waiting in the slot)
+    "infer",
+    "interpret",
+    "receive_to_result",
+    "sent_to_result",
+    "result_to_paint",
+    "receive_to_paint",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCounters:
+    processed: int
+    skipped: int  # frames overwritten in the slot before the worker took them
+    over_budget: int  # results whose receive->result exceeded the budget
+    errors: int
+    last_error: str
+
+
+class InferenceWorker:
+    """Single consumer of ``frames``; publishes :class:`GuidanceResult` into ``results``."""
+
+    def __init__(
+        self,
+        engine: SegmentationEngine,
+        frames: LatestSlot[Frame],
+        results: LatestSlot[GuidanceResult],
+        monitor: LatencyMonitor,
+        *,
+        budget_ms: float,
+        interpreter: Interpreter | None = None,
+        name: str = "guidance-inference",
+    ) -> None:
+        self.engine = engine
+        self._frames = frames
+        self._results = results
+        self._monitor = monitor
+        self.budget_ms = budget_ms
+        self._interpreter = interpreter or Interpreter()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._processed = 0
+        self._over_budget = 0
+        self._errors = 0
+        self._last_error = ""
+        self._last_dropped = 0
+        self.rate = RateMeter(30)
+        self._engine_label = engine.describe().label()
+
+    @property
+    def engine_label(self) -> str:
+        return self._engine_label
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self._stopping.clear()
+        self._frames.reopen()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the frame slot (wakes the worker) and join. An inference in flight finishes first."""
+        self._stopping.set()
+        self._frames.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.error("inference worker did not stop within %.1f s (engine stuck?)", timeout)
+            self._thread = None
+
+    def counters(self) -> WorkerCounters:
+        return WorkerCounters(
+            self._processed, self._frames.dropped, self._over_budget, self._errors, self._last_error
+        )
+
+    def _run(self) -> None:
+        rec = self._monitor.record_ns
+        while not self._stopping.is_set():
+            try:
+                frame = self._frames.take()
+            except SlotClosed:
+                return
+            if frame is None:  # pragma: no cover - take() without timeout never returns None
+                continue
+            dropped = self._frames.dropped
+            skipped, self._last_dropped = dropped - self._last_dropped, dropped
+            t_start = time.perf_counter_ns()
+            try:
+                out = self.engine.infer(frame.pixels)
+                t_infer = time.perf_counter_ns()
+                interp = self._interpreter.update(
+                    out.labels, frame.spacing_mm, frame.receive_ns / 1e9, out.instrument_prob
+                )
+            except Exception as exc:  # the engine must not take the live display down
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("Inference failed on frame %d", frame.seq)
+                continue
+            t_interp = time.perf_counter_ns()
+            over = (t_interp - frame.receive_ns) / 1e6 > self.budget_ms
+            self._over_budget += over
+            times = StageTimes(
+                received=frame.receive_ns,
+                infer_start=t_start,
+                infer_end=t_infer,
+                interpreted=t_interp,
+                published=time.perf_counter_ns(),
+            )
+            result = GuidanceResult(
+                frame=frame,
+                labels=out.labels,
+                interpretation=interp,
+                times=times,
+                engine=self._engine_label,
+                budget_ms=self.budget_ms,
+                skipped_before=skipped,
+                over_budget=over,
+            )
+            self._results.put(result)
+            self._processed += 1
+            self.rate.tick(times.published)
+            rec("queue", t_start - frame.receive_ns)
+            rec("infer", t_infer - t_start)
+            rec("interpret", t_interp - t_infer)
+            rec("receive_to_result", times.published - frame.receive_ns)
+            if frame.sender_time_ns:
+                # Same-host wall clocks: the result's wall time is its receive wall time plus the monotonic
+                # interval, so one time.time_ns() call per frame is enough and immune to NTP steps mid-frame.
+                rec("sent_to_result", frame.receive_wall_ns - frame.sender_time_ns + times.published - frame.receive_ns)
+
+
+def default_budget_ms(fps: float) -> float:
+    """One frame interval of the source (the issue's default budget)."""
+    return 1000.0 / fps if fps > 0 and math.isfinite(fps) else 1000.0 / 30.0

@@ -1,0 +1,232 @@
+"""A live session: source (simulated scanner or a real peer) -> client -> pipeline, with one lifecycle.
+
+This is what the UI displays and what ``guidance bench pipeline`` measures: the same object, so the bench
+measures the product, not a test double.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from engines import registry
+from engines.base import SegmentationEngine
+from guidance.config import Settings
+from guidance.latency import LatencyMonitor, RateMeter
+from guidance.pipeline import LATENCY_NAMES, InferenceWorker, default_budget_ms
+from guidance.results import GuidanceResult
+from guidance.simulator import SimulatedScanner
+from guidance.slots import LatestSlot
+from streaming.frame import Frame
+from streaming.igtl import ConnectionEvent, IGTLClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStats:
+    """A consistent-enough snapshot for the UI and reports (each counter is read once)."""
+
+    input_fps: float
+    processed_fps: float
+    frames_received: int
+    frames_processed: int
+    frames_skipped: int  # frames the AI never saw because a newer one arrived first
+    over_budget: int  # results that arrived later than the budget
+    stale_paints: int  # frames painted with a result older than the budget
+    engine_errors: int
+    budget_ms: float
+    engine_label: str
+    connection: str
+    last_error: str
+    source: str
+    latency: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
+    last_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class LiveSession:
+    """Owns the client, the inference worker, the slots and (optionally) the simulated scanner.
+
+    Lifecycle: ``start()`` loads and warms the engine, starts the simulator (if any), the worker and the
+    client; ``stop()`` stops them in reverse order within a bounded time. Nothing happens in ``__init__``
+    beyond wiring.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        simulate: bool = True,
+        engine: SegmentationEngine | None = None,
+        max_frames: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.simulate = simulate
+        self.display: LatestSlot[Frame] = LatestSlot()  # newest frame, for the painter (peeked)
+        self.frames: LatestSlot[Frame] = LatestSlot()  # newest frame, for the AI (taken)
+        self.results: LatestSlot[GuidanceResult] = LatestSlot()
+        self.monitor = LatencyMonitor(LATENCY_NAMES)
+        self.input_rate = RateMeter(30)
+        self.synchronised = settings.engine.synchronised
+        self._engine = engine
+        self._max_frames = max_frames
+        self.simulator: SimulatedScanner | None = None
+        self.client: IGTLClient | None = None
+        self.worker: InferenceWorker | None = None
+        self._connection = "idle"
+        self._last_error = ""
+        self._stale_paints = 0
+        self._received = 0
+        self._started = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError("session already started")
+        s = self.settings
+        engine = self._engine
+        if engine is None:
+            options = {"model": s.engine.model} if s.engine.model else {}
+            engine = registry.create(s.engine.backend, **options)
+        engine.load()
+        engine.warm_up()
+        self._engine = engine
+        fps = s.simulator.fps if self.simulate else 30.0
+        budget = s.engine.budget_ms or default_budget_ms(fps)
+        self.worker = InferenceWorker(engine, self.frames, self.results, self.monitor, budget_ms=budget)
+        host, port = s.stream.host, s.stream.port
+        if self.simulate:
+            sim = s.simulator
+            self.simulator = SimulatedScanner(
+                modality=sim.modality,
+                fps=sim.fps,
+                width=sim.width,
+                height=sim.height,
+                seed=sim.seed,
+                max_frames=self._max_frames,
+            )
+            self.simulator.start()
+            host, port = "127.0.0.1", self.simulator.port
+        self.client = IGTLClient(
+            host,
+            port,
+            on_frame=self._on_frame,
+            on_state=self._on_state,
+            device_filter=s.stream.device_filter,
+            backoff_initial_s=s.stream.reconnect_initial_s,
+            backoff_max_s=s.stream.reconnect_max_s,
+            max_body_bytes=s.stream.max_body_mb * 1024 * 1024,
+        )
+        self.worker.start()
+        self.client.start()
+        self._started = True
+        logger.info("Session started: %s, engine %s, budget %.1f ms", self.source, self.worker.engine_label, budget)
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        if self.client is not None:
+            self.client.stop()
+        if self.simulator is not None:
+            self.simulator.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        if self._engine is not None:
+            self._engine.close()
+        self._started = False
+        self._connection = "stopped"
+
+    def __enter__(self) -> LiveSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ receiver thread callbacks
+    def _on_frame(self, frame: Frame) -> None:
+        # Runs on the receiver thread: two reference stores and a counter, nothing else.
+        self.display.put(frame)
+        self.frames.put(frame)
+        self._received += 1
+        self.input_rate.tick(frame.receive_ns)
+        if frame.sender_time_ns:
+            self.monitor.record_ns("sent_to_received", frame.receive_wall_ns - frame.sender_time_ns)
+
+    def _on_state(self, event: ConnectionEvent) -> None:
+        self._connection = event.state
+        if event.reason and event.state != "connected":
+            self._last_error = event.reason
+
+    # ------------------------------------------------------------------ for the painter (GUI thread)
+    def latest_frame(self) -> Frame | None:
+        return self.display.peek()
+
+    def latest_result(self) -> GuidanceResult | None:
+        return self.results.peek()
+
+    def mark_painted(self, frame_seq: int, now_ns: int | None = None) -> None:
+        """Record display latency for a painted frame (and whether its overlay was stale)."""
+        now = time.perf_counter_ns() if now_ns is None else now_ns
+        frame = self.display.peek()
+        if frame is not None and frame.seq == frame_seq:
+            self.monitor.record_ns("receive_to_paint", now - frame.receive_ns)
+        result = self.results.peek()
+        if result is not None:
+            if result.seq == frame_seq:
+                self.monitor.record_ns("result_to_paint", now - result.times.published)
+            if result.age_ms(now) > result.budget_ms:
+                self._stale_paints += 1
+
+    @property
+    def source(self) -> str:
+        if self.simulate:
+            return f"simulated {self.settings.simulator.modality} ({self.settings.simulator.fps:g} fps)"
+        return f"{self.settings.stream.host}:{self.settings.stream.port}"
+
+    @property
+    def budget_ms(self) -> float:
+        return self.worker.budget_ms if self.worker else 0.0
+
+    def report_error(self, message: str) -> None:
+        self._last_error = message
+
+    def stats(self) -> PipelineStats:
+        now = time.perf_counter_ns()
+        w = self.worker
+        c = w.counters() if w else None
+        summary = self.monitor.summary()
+        last: dict[str, float] = {}
+        result = self.results.peek()
+        if result is not None:
+            t = result.times
+            last = {
+                "queue": t.queue_ms,
+                "infer": t.infer_ms,
+                "interpret": t.interpret_ms,
+                "receive_to_result": t.receive_to_result_ms,
+                "age": result.age_ms(now),
+            }
+        client_err = self.client.stats.last_error if self.client else ""
+        return PipelineStats(
+            input_fps=self.input_rate.rate(now),
+            processed_fps=w.rate.rate(now) if w else 0.0,
+            frames_received=self._received,
+            frames_processed=c.processed if c else 0,
+            frames_skipped=c.skipped if c else 0,
+            over_budget=c.over_budget if c else 0,
+            stale_paints=self._stale_paints,
+            engine_errors=c.errors if c else 0,
+            budget_ms=self.budget_ms,
+            engine_label=w.engine_label if w else "",
+            connection=self._connection,
+            last_error=(c.last_error if c and c.last_error else "") or self._last_error or client_err,
+            source=self.source,
+            latency=MappingProxyType({k: MappingProxyType(v) for k, v in summary.items()}),
+            last_ms=MappingProxyType(last),
+        )

@@ -1,0 +1,528 @@
+"""A light U-Net with depthwise-separable convolutions for needle / catheter and target segmentation.
+
+Decisions (also recorded in the model card):
+
+* Input ``(N, 1, H, W)`` float32 NCHW, one channel: the current frame normalised by
+  :func:`engines.models.preprocess.normalize`. No previous-frame difference channel: single-frame input
+  works for still images, folders and the first frame of a stream, and temporal smoothing is done by the
+  interpretation (tip filter) instead.
+* Output: logits ``(N, 3, H, W)`` over :data:`engines.base.CLASS_NAMES` (background, instrument, target).
+  The exported ONNX graph may also carry ``labels`` (``(N, H, W)`` uint8 argmax) and ``instrument_prob``
+  (``(N, H, W)`` float32 softmax of the instrument class) so backends need no numpy post-processing.
+* Thin structures: the first stage works at full resolution (a dense 3x3 stem, then a depthwise-separable
+  block) and its features are skipped straight to a full-resolution decoder stage, so a 2-3 px wide needle
+  is never only seen at a coarse scale. The bottleneck uses dilated depthwise convs for context.
+* Training-only auxiliary head: a full-resolution tip heatmap (:meth:`UNet.forward_with_aux`), which pulls
+  the decoder towards the needle tip; it is not exported.
+
+Compute: :func:`count_macs` counts multiply-accumulates with forward hooks (conv, transposed conv,
+linear). The default configuration is ~0.3 GMAC per 256x256 frame.
+
+torch is imported at module level here: this module is only imported with the ``train`` extra installed
+or by the torch backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from engines.base import CLASS_NAMES
+from engines.models.preprocess import NORMALIZATION_ID, PERCENTILE_HIGH, PERCENTILE_LOW
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+LOGITS_NAME = "logits"
+LABELS_NAME = "labels"
+PROB_NAME = "instrument_prob"
+CARD_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UNetConfig:
+    """Architecture hyper-parameters (stored in the model card so a checkpoint can be rebuilt).
+
+    Attributes:
+        in_channels: 1 (current frame only).
+        num_classes: 3 (background, instrument, target).
+        widths: channels per resolution level, full resolution first; one level per entry, each next
+            level at half the resolution of the previous one.
+        bottleneck_dilations: dilation of each depthwise conv in the bottleneck (context without cost).
+        tip_head: add the training-only tip heatmap head.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 3
+    widths: tuple[int, ...] = (16, 32, 48, 96, 128)
+    bottleneck_dilations: tuple[int, ...] = (1, 2, 4)
+    tip_head: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> UNetConfig:
+        return UNetConfig(
+            in_channels=int(data.get("in_channels", 1)),
+            num_classes=int(data.get("num_classes", 3)),
+            widths=tuple(int(w) for w in data.get("widths", (16, 32, 48, 96, 128))),
+            bottleneck_dilations=tuple(int(d) for d in data.get("bottleneck_dilations", (1, 2, 4))),
+            tip_head=bool(data.get("tip_head", True)),
+        )
+
+
+#: A tiny configuration for tests (fast to build, run and export).
+TINY_CONFIG = UNetConfig(widths=(4, 8, 8), bottleneck_dilations=(1,), tip_head=True)
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(
+        self, cin: int, cout: int, k: int = 3, *, stride: int = 1, groups: int = 1, dilation: int = 1
+    ):
+        pad = dilation * (k // 2)
+        super().__init__(
+            nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DSConv(nn.Sequential):
+    """Depthwise 3x3 (optionally strided / dilated) then pointwise 1x1, each with BN + ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
+        super().__init__(
+            ConvBNReLU(cin, cin, 3, stride=stride, groups=cin, dilation=dilation),
+            ConvBNReLU(cin, cout, 1),
+        )
+
+
+class ResidualDS(nn.Module):
+    """A depthwise-separable block with an identity (or 1x1) shortcut."""
+
+    def __init__(self, cin: int, cout: int, dilation: int = 1):
+        super().__init__()
+        self.body = DSConv(cin, cout, dilation=dilation)
+        self.skip: nn.Module = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x) + self.skip(x)
+        return out
+
+
+class UpBlock(nn.Module):
+    """Upsample x2 (bilinear), project to the skip's width, concatenate, fuse with a DS block."""
+
+    def __init__(self, cdeep: int, cskip: int):
+        super().__init__()
+        self.project = ConvBNReLU(cdeep, cskip, 1)
+        self.fuse = ResidualDS(2 * cskip, cskip)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.project(deep), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        out: torch.Tensor = self.fuse(torch.cat([up, skip], dim=1))
+        return out
+
+
+class UNet(nn.Module):
+    """Light U-Net; ``forward`` returns class logits ``(N, num_classes, H, W)``.
+
+    H and W must be multiples of ``2 ** (len(widths) - 1)``.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        w = config.widths
+        if len(w) < 2:
+            raise ValueError("UNetConfig.widths needs at least two levels")
+        self.stem = nn.Sequential(ConvBNReLU(config.in_channels, w[0], 3), ResidualDS(w[0], w[0]))
+        self.down = nn.ModuleList()
+        for cin, cout in itertools.pairwise(w):
+            self.down.append(nn.Sequential(DSConv(cin, cout, stride=2), ResidualDS(cout, cout)))
+        self.bottleneck = nn.Sequential(
+            *(ResidualDS(w[-1], w[-1], dilation=d) for d in config.bottleneck_dilations)
+        )
+        self.up = nn.ModuleList(UpBlock(w[i + 1], w[i]) for i in reversed(range(len(w) - 1)))
+        self.head = nn.Conv2d(w[0], config.num_classes, 1)
+        self.tip: nn.Module | None = nn.Conv2d(w[0], 1, 1) if config.tip_head else None
+        self._init_weights()
+
+    @property
+    def stride(self) -> int:
+        return int(2 ** (len(self.config.widths) - 1))
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Start with a background prior so early training is not swamped by false instrument pixels.
+        if self.head.bias is not None:
+            with torch.no_grad():
+                self.head.bias.copy_(torch.tensor([2.0] + [0.0] * (self.config.num_classes - 1)))
+        if self.tip is not None and isinstance(self.tip, nn.Conv2d) and self.tip.bias is not None:
+            nn.init.constant_(self.tip.bias, -4.0)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = [self.stem(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        y: torch.Tensor = self.bottleneck(skips.pop())
+        for up in self.up:
+            y = up(y, skips.pop())
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(logits, tip_heatmap_logits or None)`` (training)."""
+        f = self.features(x)
+        tip = self.tip(f) if self.tip is not None else None
+        logits: torch.Tensor = self.head(f)
+        return logits, tip
+
+
+def build_model(config: UNetConfig | Mapping[str, Any] | None = None) -> UNet:
+    """Build the network from a :class:`UNetConfig` (or its dict form, e.g. from a model card)."""
+    if config is None:
+        config = UNetConfig()
+    elif not isinstance(config, UNetConfig):
+        config = UNetConfig.from_dict(config)
+    return UNet(config)
+
+
+# ---------------------------------------------------------------------------------------- compute counter
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass at ``input_shape`` (N, C, H, W), counted with hooks.
+
+    Counted: ``Conv2d`` (``Cout * Hout * Wout * Cin/groups * kh * kw``), ``ConvTranspose2d``
+    (``Cin * Hin * Win * Cout/groups * kh * kw``) and ``Linear`` (``in * out`` per row). Per-element ops
+    (BN, ReLU, add, interpolation) are not MACs and are ignored, as is the bias.
+    """
+    total = 0
+
+    def conv_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Conv2d)
+        kh, kw = m.kernel_size
+        total += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def convt_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.ConvTranspose2d)
+        kh, kw = m.kernel_size
+        total += inp[0].numel() * (m.out_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Linear)
+        total += out.numel() * m.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            handles.append(m.register_forward_hook(convt_hook))
+        elif isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(tuple(input_shape), dtype=torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
+def count_parameters(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------- ONNX export
+class _ExportWrapper(nn.Module):
+    """Adds argmax labels and the instrument softmax to the graph."""
+
+    def __init__(self, model: nn.Module, include_argmax: bool):
+        super().__init__()
+        self.model = model
+        self.include_argmax = include_argmax
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits: torch.Tensor = self.model(x)
+        if not self.include_argmax:
+            return (logits,)
+        labels = torch.argmax(logits, dim=1).to(torch.uint8)
+        prob = torch.softmax(logits, dim=1)[:, 1]
+        return logits, labels, prob
+
+
+def output_spec(height: int, width: int, include_argmax: bool, num_classes: int = 3) -> list[dict[str, Any]]:
+    """The ``output.tensors`` block of the model card for an export with these options."""
+    out: list[dict[str, Any]] = [
+        {"name": LOGITS_NAME, "shape": [1, num_classes, height, width], "dtype": "float32"},
+    ]
+    if include_argmax:
+        out.append({"name": LABELS_NAME, "shape": [1, height, width], "dtype": "uint8"})
+        out.append({"name": PROB_NAME, "shape": [1, height, width], "dtype": "float32"})
+    return out
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    height: int,
+    width: int,
+    include_argmax: bool = True,
+) -> Path:
+    """Export ``model`` to ONNX with a fixed ``(1, C, height, width)`` input named ``image``.
+
+    Outputs: ``logits`` (1, K, H, W) float32, and with ``include_argmax`` also ``labels`` (1, H, W) uint8
+    (argmax over classes) and ``instrument_prob`` (1, H, W) float32 (softmax of class 1). The model is
+    exported in eval mode (BatchNorm folded into the convolutions by constant folding) and the file is
+    checked with ``onnx.checker``. Returns the path.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    in_ch = int(getattr(getattr(model, "config", None), "in_channels", 1))
+    was_training = model.training
+    model.eval()
+    wrapper = _ExportWrapper(model, include_argmax).eval()
+    names = [LOGITS_NAME, LABELS_NAME, PROB_NAME] if include_argmax else [LOGITS_NAME]
+    dummy = torch.zeros((1, in_ch, height, width), dtype=torch.float32)
+    try:
+        # The TorchScript exporter (dynamo=False) is deprecated but needs no extra package (the dynamo
+        # exporter needs onnxscript) and handles this plain conv graph exactly; its warning is expected.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            torch.onnx.export(
+                wrapper,
+                (dummy,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=names,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+    finally:
+        model.train(was_training)
+    onnx.checker.check_model(str(path))
+    logger.info("Exported ONNX model to %s (opset %d, %dx%d)", path, opset, width, height)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- model card
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+NORMALIZATION_CARD: dict[str, Any] = {
+    "id": NORMALIZATION_ID,
+    "function": "engines.models.preprocess.to_input",
+    "grayscale": "colour (H,W,3|4) -> luminance 0.299 R + 0.587 G + 0.114 B; alpha dropped; (H,W,1) squeezed",
+    "uint8": "x / 255",
+    "uint16": (
+        f"per-frame percentile stretch: (x - p{PERCENTILE_LOW:g}) / "
+        f"max(p{PERCENTILE_HIGH:g} - p{PERCENTILE_LOW:g}, 1), clipped to [0, 1] "
+        "(also for other integer types wider than 8 bits)"
+    ),
+    "float": "taken as already in [0, 1]; clipped",
+    "resize": "to (height, width): cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging; labels back "
+    "with nearest neighbour, probabilities with linear",
+    "mean": 0.0,
+    "std": 1.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CardInfo:
+    """Free-text and measured parts of a model card (see :func:`write_model_card`)."""
+
+    name: str
+    version: str
+    training: Mapping[str, Any] = field(default_factory=dict)
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
+    intended_use: str = (
+        "Research prototype: segmentation of a straight needle / catheter (instrument) and a round target "
+        "in 2-D ultrasound and fluoroscopy frames to draw a guidance overlay. Not a medical device; the "
+        "clinician always sees the raw image."
+    )
+    limits: Sequence[str] = ()
+
+
+def write_model_card(
+    path: str | Path,
+    *,
+    info: CardInfo,
+    onnx_path: str | Path,
+    config: UNetConfig,
+    height: int,
+    width: int,
+    include_argmax: bool,
+    opset: int = 17,
+    macs: int | None = None,
+    parameters: int | None = None,
+) -> dict[str, Any]:
+    """Write the JSON model card next to the ONNX file and return it as a dict.
+
+    Fields: ``name``, ``version``, ``classes`` (ordered; index = label value), ``input`` (height, width,
+    channels, layout "NCHW", dtype "float32", name), ``normalization`` (how raw pixels become the input),
+    ``output`` (kind, names, shapes), ``architecture`` (config, MACs, parameters), ``training``,
+    ``evaluation``, ``onnx`` (file name, opset, sha256), ``intended_use``, ``limits``.
+    """
+    onnx_path = Path(onnx_path)
+    tensors = output_spec(height, width, include_argmax, config.num_classes)
+    card: dict[str, Any] = {
+        "card_format": CARD_FORMAT_VERSION,
+        "name": info.name,
+        "version": info.version,
+        "classes": list(CLASS_NAMES[: config.num_classes]),
+        "input": {
+            "name": INPUT_NAME,
+            "height": height,
+            "width": width,
+            "channels": config.in_channels,
+            "channel_meaning": ["current frame"],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": [1, config.in_channels, height, width],
+        },
+        "normalization": NORMALIZATION_CARD,
+        "output": {
+            "kind": "semantic_segmentation",
+            "names": [t["name"] for t in tensors],
+            "tensors": tensors,
+            "labels_included": include_argmax,
+            "notes": "labels = argmax(logits, axis=1) as uint8; "
+            "instrument_prob = softmax(logits, axis=1)[:, 1]",
+        },
+        "architecture": {
+            "family": "U-Net, depthwise-separable convolutions",
+            "config": config.to_dict(),
+            "macs_per_frame": macs,
+            "gmacs_per_frame": None if macs is None else round(macs / 1e9, 4),
+            "parameters": parameters,
+        },
+        "training": dict(info.training),
+        "evaluation": dict(info.evaluation),
+        "onnx": {"file": onnx_path.name, "opset": opset, "sha256": sha256_file(onnx_path)},
+        "intended_use": info.intended_use,
+        "limits": list(info.limits),
+    }
+    path = Path(path)
+    path.write_text(
+        json.dumps(card, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
+    )
+    return card
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_model_card(path: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+    return data
+
+
+def export_model_asset(
+    model: UNet,
+    directory: str | Path,
+    info: CardInfo,
+    *,
+    height: int,
+    width: int,
+    include_argmax: bool = True,
+    opset: int = 17,
+) -> tuple[Path, Path]:
+    """Export ``<directory>/<name>.onnx`` and write ``<directory>/<name>.json``; return both paths."""
+    directory = Path(directory)
+    onnx_path = export_onnx(
+        model,
+        directory / f"{info.name}.onnx",
+        opset=opset,
+        height=height,
+        width=width,
+        include_argmax=include_argmax,
+    )
+    card_path = directory / f"{info.name}.json"
+    write_model_card(
+        card_path,
+        info=info,
+        onnx_path=onnx_path,
+        config=model.config,
+        height=height,
+        width=width,
+        include_argmax=include_argmax,
+        opset=opset,
+        macs=count_macs(model, (1, model.config.in_channels, height, width)),
+        parameters=count_parameters(model),
+    )
+    return onnx_path, card_path
+
+
+def export_test_model(
+    directory: str | Path,
+    *,
+    height: int = 64,
+    width: int = 64,
+    seed: int = 0,
+    include_argmax: bool = True,
+    name: str = "tiny-random",
+) -> tuple[Path, Path]:
+    """Export a randomly initialised tiny model + card into ``directory`` (for tests; ~0.1 s).
+
+    Its outputs are meaningless but have the shipped model's names, dtypes and layout.
+    """
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = build_model(TINY_CONFIG)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    info = CardInfo(
+        name=name,
+        version="0.0.0-test",
+        training={"data": "none (random initialisation, for tests only)"},
+        limits=["random weights: outputs are meaningless"],
+    )
+    return export_model_asset(
+        model, directory, info, height=height, width=width, include_argmax=include_argmax
+    )

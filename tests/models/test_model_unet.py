@@ -1,0 +1,169 @@
+"""The segmentation network: shapes, compute budget, MAC counter, ONNX export and model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from torch import nn  # noqa: E402
+
+from engines.models import preprocess  # noqa: E402
+from engines.models.unet import (  # noqa: E402
+    TINY_CONFIG,
+    CardInfo,
+    UNetConfig,
+    build_model,
+    count_macs,
+    export_model_asset,
+    export_onnx,
+    export_test_model,
+    sha256_file,
+)
+
+
+def test_model_mac_counter_matches_hand_count() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),  # 8*16*16 * 1*9
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # 8*16*16 * 1*9
+        nn.Conv2d(8, 4, 1, stride=2),  # 4*8*8 * 8
+        nn.ConvTranspose2d(4, 2, 2, stride=2),  # 4*8*8 * 2*2*2
+        nn.Flatten(),
+        nn.Linear(2 * 16 * 16, 10),  # 512*10
+    )
+    expected = 8 * 256 * 9 + 8 * 256 * 9 + 4 * 64 * 8 + 4 * 64 * 2 * 4 + 512 * 10
+    assert count_macs(net, (1, 1, 16, 16)) == expected
+    # Hooks are removed afterwards: counting twice gives the same figure.
+    assert count_macs(net, (1, 1, 16, 16)) == expected
+
+
+def test_model_default_is_within_compute_budget() -> None:
+    model = build_model(UNetConfig())
+    macs = count_macs(model, (1, 1, 256, 256))
+    assert 0.1e9 < macs <= 0.5e9
+
+
+def test_model_output_shape_and_aux_head() -> None:
+    model = build_model(TINY_CONFIG).eval()
+    x = torch.rand(2, 1, 32, 48)
+    with torch.no_grad():
+        logits = model(x)
+        logits2, tip = model.forward_with_aux(x)
+    assert logits.shape == (2, 3, 32, 48)
+    assert tip is not None
+    assert tip.shape == (2, 1, 32, 48)
+    assert torch.equal(logits, logits2)
+
+
+def test_model_build_from_card_dict_round_trips() -> None:
+    cfg = UNetConfig(widths=(8, 16, 16), bottleneck_dilations=(1, 2))
+    again = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("include_argmax", [True, False])
+def test_model_onnx_export_matches_torch(tmp_path: Path, include_argmax: bool) -> None:
+    torch.manual_seed(3)
+    model = build_model(UNetConfig(widths=(8, 16, 16, 32), bottleneck_dilations=(1, 2)))
+    # Non-trivial BatchNorm statistics so the folding in the export is exercised.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(2, 1, 64, 64))
+    model.eval()
+    path = export_onnx(
+        model, tmp_path / "m.onnx", opset=17, height=64, width=96, include_argmax=include_argmax
+    )
+    x = np.random.default_rng(0).random((1, 1, 64, 96), dtype=np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"image": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    # Tolerance: fp32 with BN folding and a different conv kernel order -> 1e-4 absolute on logits.
+    np.testing.assert_allclose(outs[0], ref, atol=1e-4, rtol=1e-4)
+    names = [o.name for o in sess.get_outputs()]
+    if include_argmax:
+        assert names == ["logits", "labels", "instrument_prob"]
+        assert outs[1].dtype == np.uint8
+        assert outs[1].shape == (1, 64, 96)
+        assert outs[2].dtype == np.float32
+        assert outs[2].shape == (1, 64, 96)
+        # argmax may differ only where two logits are within float noise of each other.
+        top2 = np.sort(ref[0], axis=0)
+        decisive = (top2[-1] - top2[-2]) > 1e-3
+        np.testing.assert_array_equal(outs[1][0][decisive], ref[0].argmax(0)[decisive])
+        prob = torch.softmax(torch.from_numpy(ref), dim=1)[:, 1].numpy()
+        np.testing.assert_allclose(outs[2], prob, atol=1e-5)
+    else:
+        assert names == ["logits"]
+
+
+def test_model_card_fields_and_hash(tmp_path: Path) -> None:
+    model = build_model(TINY_CONFIG)
+    info = CardInfo(name="unit", version="1.2.3", training={"seed": 1}, evaluation={"us": {"dice": 0.5}})
+    onnx_path, card_path = export_model_asset(model, tmp_path, info, height=32, width=32)
+    card = json.loads(card_path.read_text())
+    assert card["name"] == "unit"
+    assert card["version"] == "1.2.3"
+    assert card["classes"] == ["background", "instrument", "target"]
+    assert card["input"] == {
+        "name": "image",
+        "height": 32,
+        "width": 32,
+        "channels": 1,
+        "channel_meaning": ["current frame"],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "shape": [1, 1, 32, 32],
+    }
+    assert card["normalization"]["id"] == preprocess.NORMALIZATION_ID
+    assert card["output"]["names"] == ["logits", "labels", "instrument_prob"]
+    assert card["onnx"]["sha256"] == sha256_file(onnx_path)
+    assert card["onnx"]["opset"] >= 17
+    assert card["architecture"]["macs_per_frame"] == count_macs(model, (1, 1, 32, 32))
+    assert card["evaluation"] == {"us": {"dice": 0.5}}
+    assert "intended_use" in card
+    assert "limits" in card
+    assert "training" in card
+
+
+def test_model_tiny_test_model_runs_in_onnxruntime(tmp_path: Path) -> None:
+    onnx_path, card_path = export_test_model(tmp_path, height=64, width=64)
+    card = json.loads(card_path.read_text())
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    image = (np.arange(100 * 120, dtype=np.uint32) % 256).astype(np.uint8).reshape(100, 120)
+    x = preprocess.to_input(image, card["input"]["height"], card["input"]["width"])
+    logits, labels, _prob = sess.run(None, {"image": x})
+    assert logits.shape == (1, 3, 64, 64)
+    back = preprocess.labels_to_frame(labels, 100, 120)
+    assert back.shape == (100, 120)
+    assert back.dtype == np.uint8
+    assert int(back.max()) <= 2
+    # Same seed -> same file contents (reproducible test asset).
+    other = export_test_model(tmp_path / "again", height=64, width=64)[0]
+    assert sha256_file(other) == sha256_file(onnx_path)
+
+
+def test_model_preprocess_normalisation_rules() -> None:
+    u8 = np.array([[0, 255], [51, 102]], dtype=np.uint8)
+    np.testing.assert_allclose(preprocess.normalize(u8), u8 / 255.0, atol=1e-7)
+    u16 = np.linspace(1000, 5000, 10_000).astype(np.uint16).reshape(100, 100)
+    n = preprocess.normalize(u16)
+    assert n.dtype == np.float32
+    assert n.min() == 0.0
+    assert n.max() == 1.0
+    assert abs(float(np.median(n)) - 0.5) < 0.01
+    flat = np.full((8, 8), 700, dtype=np.uint16)
+    assert float(preprocess.normalize(flat).max()) == 0.0
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    rgb[..., 1] = 255
+    np.testing.assert_allclose(preprocess.normalize(rgb), np.full((4, 4), 150 / 255.0), atol=1e-6)
+    x = preprocess.to_input(np.zeros((300, 200), np.uint8), 128, 96)
+    assert x.shape == (1, 1, 128, 96)
+    assert x.dtype == np.float32
+    assert x.flags.c_contiguous

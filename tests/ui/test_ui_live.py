@@ -1,0 +1,84 @@
+"""The window around the real LiveSession on the built-in simulator (classical engine, no GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QApplication
+from pytestqt.qtbot import QtBot
+
+from guidance.config import EngineSettings, Settings, SimulatorSettings
+from guidance.frontend import FrontendOptions
+from ui import theme
+from ui.app import run_app
+from ui.image_view import OverlayState
+from ui.main_window import MainWindow
+
+session_mod = pytest.importorskip("guidance.session", reason="guidance.session is not importable yet")
+LiveSession = session_mod.LiveSession
+
+pytestmark = [pytest.mark.gui, pytest.mark.qt_log_ignore("propagateSizeHints")]
+
+
+def _settings() -> Settings:
+    return Settings(
+        engine=EngineSettings(backend="classical"),
+        simulator=SimulatorSettings(fps=30.0, width=256, height=256, seed=3),
+    )
+
+
+def test_ui_live_session_overlay_matches_result(qtbot: QtBot) -> None:
+    app = QApplication.instance()
+    assert isinstance(app, QApplication)
+    theme.apply_theme(app)
+    session = LiveSession(_settings(), simulate=True)
+    window = MainWindow(session)
+    qtbot.addWidget(window)
+    window.resize(1280, 800)
+    window.show()
+    session.start()
+    window.start_timers()
+    try:
+
+        def painted_with_needle() -> bool:
+            r = session.latest_result()
+            return (
+                window.view.overlay_seq is not None
+                and r is not None
+                and r.interpretation.instrument is not None
+                and window.view.overlay_seq == r.seq
+            )
+
+        qtbot.waitUntil(painted_with_needle, timeout=15_000)
+        window.stop_timers()  # hold still while we compare
+        shown = session.latest_result()
+        assert shown is not None
+        window._last_result = None
+        window.paint_tick()
+        v = window.view
+        if v.overlay_seq == shown.seq and shown.interpretation.instrument is not None:
+            tip = v.tip_marker.getData()
+            assert (tip[0][0], tip[1][0]) == pytest.approx(shown.interpretation.instrument.tip_px)
+            x, y = v.instrument_curve.getData()
+            first = shown.interpretation.instrument_contours[0]
+            np.testing.assert_allclose(np.stack([x, y], 1)[: len(first)], first)
+        assert v.state in (OverlayState.CURRENT, OverlayState.LAGGING, OverlayState.STALE)
+        window.refresh_stats()
+        assert window.metric_labels["input_fps"].text().endswith("fps")
+        assert window.engine_label.text() != "–"
+        assert window.painted_frames > 0
+    finally:
+        window.close()
+    assert window.closed_flag
+
+
+def test_ui_run_app_on_live_session(qtbot: QtBot, tmp_path: Path) -> None:
+    session = LiveSession(_settings(), simulate=True)
+    shot = tmp_path / "live.png"
+    assert run_app(session, FrontendOptions(frames=15, screenshot=shot)) == 0
+    assert not QImage(str(shot)).isNull()
+    assert session.stats().frames_received >= 15
+    assert not [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow)]

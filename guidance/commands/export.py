@@ -1,0 +1,96 @@
+"""``guidance export``: convert between native recordings and PLUS/Slicer sequence files.
+
+* ``guidance export RECORDING --mha OUT`` / ``--nrrd OUT``: IMAGE messages of a recording -> a PLUS
+  ``.igs.mha`` / ``.igs.nrrd`` (or Slicer ``.seq.nrrd`` when OUT ends so) sequence file;
+* ``guidance export SEQFILE --recording OUT``: a PLUS/Slicer sequence file -> a native recording that
+  ``guidance replay`` serves at the original timing.
+
+Each output kind is one ``_export_<kind>`` function chosen from :data:`EXPORTERS`; another output (for
+example ``--dicom``) is one more option in :func:`register` and one more entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from guidance.cli import CommandError
+from streaming.recording import RecordingError, recording_to_sequence, sequence_to_recording
+from streaming.sequence import SequenceFormatError, sequence_format
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "export", help="export a recording to .igs.mha/.igs.nrrd, or import one as a recording"
+    )
+    p.add_argument("source", type=Path, help="recording (.mcap) or PLUS/Slicer sequence file")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--mha", type=Path, metavar="OUT", help="write a PLUS .igs.mha sequence file")
+    out.add_argument("--nrrd", type=Path, metavar="OUT", help="write a PLUS .igs.nrrd (or Slicer .seq.nrrd)")
+    out.add_argument("--recording", type=Path, metavar="OUT", help="import a sequence file as a recording")
+    p.add_argument("--device", default=None, help="IMAGE device to export (default: the first one seen)")
+    p.add_argument("--raw", action="store_true", help="do not compress the sequence file")
+    p.set_defaults(func=run)
+
+
+def _export_mha(args: argparse.Namespace) -> str:
+    return _to_sequence(args, args.mha, (".mha", ".mhd"))
+
+
+def _export_nrrd(args: argparse.Namespace) -> str:
+    return _to_sequence(args, args.nrrd, (".nrrd",))
+
+
+def _to_sequence(args: argparse.Namespace, out: Path, suffixes: tuple[str, ...]) -> str:
+    if not out.name.lower().endswith(suffixes):
+        raise CommandError(f"{out.name}: the output name must end with {' or '.join(suffixes)}")
+    n = recording_to_sequence(args.source, out, device=args.device, compress=not args.raw, progress=_progress)
+    return f"exported {n} frames -> {out}"
+
+
+def _export_recording(args: argparse.Namespace) -> str:
+    try:
+        sequence_format(args.source)
+    except SequenceFormatError as exc:
+        raise CommandError(str(exc)) from exc
+    n = sequence_to_recording(args.source, args.recording, device=args.device or "Image", progress=_progress)
+    return f"imported {n} frames -> {args.recording}"
+
+
+#: destination option (argparse dest) -> exporter. Add ``"dicom": _export_dicom`` for ``--dicom``.
+EXPORTERS: dict[str, Callable[[argparse.Namespace], str]] = {
+    "mha": _export_mha,
+    "nrrd": _export_nrrd,
+    "recording": _export_recording,
+}
+
+
+def _progress(done: int) -> None:
+    if done % 100 == 0:
+        _say(f"\r{done} frames", end="")
+
+
+def _say(text: str = "", end: str = "\n") -> None:
+    """Progress and summaries go to stderr (stdout stays clean for scripts)."""
+    sys.stderr.write(text + end)
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.source.is_file():
+        raise CommandError(f"{args.source}: no such file")
+    for dest, exporter in EXPORTERS.items():
+        out = getattr(args, dest, None)
+        if out is None:
+            continue
+        if out.exists():
+            raise CommandError(f"{out} already exists")
+        try:
+            message = exporter(args)
+        except (RecordingError, SequenceFormatError, OSError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        _say(f"\n{message}")
+        return 0
+    raise CommandError("choose an output: --mha, --nrrd or --recording")

@@ -250,6 +250,12 @@ class ImageView(pg.GraphicsLayoutWidget):  # type: ignore[misc]
         self.painted_seq = frame.seq
         self._painted_frame = frame
 
+    def set_banner(self, text: str) -> None:
+        """Text shown centred over the view until the first frame arrives."""
+        if self.banner.text() != text:
+            self.banner.setText(text)
+            self._place_banner()
+
     def set_levels(self, low: float, high: float) -> None:
         self._levels = (low, high)
         self.image.setLevels(self._levels)
@@ -368,9 +374,10 @@ class ImageView(pg.GraphicsLayoutWidget):  # type: ignore[misc]
 
     def resizeEvent(self, event: object) -> None:  # noqa: N802 - Qt override
         super().resizeEvent(event)
-        banner = getattr(self, "banner", None)  # pyqtgraph calls this from its own __init__
-        if banner is None:
-            return
+        if getattr(self, "banner", None) is not None:  # pyqtgraph calls this from its own __init__
+            self._place_banner()
+
+    def _place_banner(self) -> None:
         self.banner.adjustSize()
         self.banner.move(max(0, (self.width() - self.banner.width()) // 2), max(0, self.height() // 2 - 20))
 

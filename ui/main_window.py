@@ -90,7 +90,7 @@ class MainWindow(QMainWindow):
         self._last_result: GuidanceResult | None = None
         self._last_mode: tuple[bool, bool] | None = None
         self._shown_result: GuidanceResult | None = None
-        self._shown_state = OverlayState.NONE
+        self._shown_state: OverlayState | None = None  # None: the readout was never drawn
         self._last_error_shown = ""
         self._closed = False
 
@@ -118,6 +118,7 @@ class MainWindow(QMainWindow):
         self.stats_timer.setInterval(round(1000.0 / STATS_HZ))
         self.stats_timer.timeout.connect(self.refresh_stats)
         self._update_mode_chips()
+        self._update_readout(PaintPlan(None, None, OverlayState.NONE, 0.0))
 
     # ------------------------------------------------------------------ construction
     def _build_panel(self) -> QFrame:
@@ -379,6 +380,9 @@ class MainWindow(QMainWindow):
         self.connection_label.setText(f"● {state}")
         self.connection_label.setStyleSheet(f"color: {colour};")
         self.source_label.setText(stats.source)
+        if self.view.painted_frame is None:
+            waiting = "Waiting for images…" if state in ("connected", "idle") else f"No images · {state}"
+            self.view.set_banner(waiting)
         if stats.last_error and stats.last_error != self._last_error_shown:
             self._show_error(stats.last_error)
 

@@ -531,7 +531,7 @@ class RecordingReader:
     def _records(self, *, with_meta: bool = False) -> Iterator[tuple[Channel, Message]]:
         """(channel, message) pairs in file order; stops quietly at a truncated tail."""
         channels: dict[int, Channel] = {}
-        seen_session = False
+        seen_session = footer_seen = False
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed in the finally below
         except OSError as exc:
@@ -544,6 +544,8 @@ class RecordingReader:
                 try:
                     rec = next(records)
                 except StopIteration:
+                    if with_meta:
+                        self._complete = footer_seen  # footer and closing magic both intact
                     break
                 except _TRUNCATION_ERRORS as exc:
                     if not seen_session:
@@ -560,8 +562,8 @@ class RecordingReader:
                     seen_session = True
                     if with_meta:
                         self._metadata = MappingProxyType(json.loads(rec.metadata.get("json", "{}")))
-                elif isinstance(rec, Footer) and with_meta:
-                    self._complete = True
+                elif isinstance(rec, Footer):
+                    footer_seen = True
         finally:
             f.close()
         if not seen_session:

@@ -103,6 +103,27 @@ def contours_to_path(contours: tuple[Polygon, ...]) -> npt.NDArray[np.float32]:
     return np.concatenate(parts, axis=0)
 
 
+def clip_segment_end(
+    start: tuple[float, float], end: tuple[float, float], width: int, height: int
+) -> tuple[float, float]:
+    """Shorten the segment ``start -> end`` so it stops at the image border (pixel-centre coordinates
+    span ``[-0.5, width - 0.5] x [-0.5, height - 0.5]``); ``start`` is assumed inside."""
+    (x0, y0), (x1, y1) = start, end
+    dx, dy = x1 - x0, y1 - y0
+    t = 1.0
+    lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
+    if dx > 0 and x1 > hi_x:
+        t = min(t, (hi_x - x0) / dx)
+    elif dx < 0 and x1 < lo_x:
+        t = min(t, (lo_x - x0) / dx)
+    if dy > 0 and y1 > hi_y:
+        t = min(t, (hi_y - y0) / dy)
+    elif dy < 0 and y1 < lo_y:
+        t = min(t, (lo_y - y0) / dy)
+    t = max(t, 0.0)
+    return (x0 + t * dx, y0 + t * dy)
+
+
 def display_pixels(pixels: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     """Return a view ``ImageItem`` can show: 2-D grey, or RGB for 3/4-component images (no copy)."""
     if pixels.ndim == 3:
@@ -299,7 +320,9 @@ class ImageView(pg.GraphicsLayoutWidget):  # type: ignore[misc]
             self.tip_marker.setData(pos=[(tx, ty)])
             cl = np.asarray(needle.centerline_px, dtype=np.float32).reshape(-1, 2)
             self.centerline_curve.setData(cl[:, 0], cl[:, 1])
-            ex, ey = needle.trajectory_end_px
+            ex, ey = clip_segment_end(
+                (tx, ty), needle.trajectory_end_px, result.frame.width, result.frame.height
+            )
             self.trajectory_curve.setData([tx, ex], [ty, ey])
             self.trajectory_curve.setVisible(self.show_trajectory)
             self.readout.setText(_readout_text(result))

@@ -84,6 +84,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("Guidance")
         self.resize(1280, 800)
         self.painted_frames = 0
+        self.stale_frames = 0  # frames painted with an overlay older than the budget (what the user saw)
         self.frozen = False
         self.synchronised = bool(session.synchronised)
         self._last_frame: Frame | None = None
@@ -170,7 +171,7 @@ class MainWindow(QMainWindow):
             ("input_fps", "Input"),
             ("processed_fps", "AI"),
             ("skipped", "Skipped frames"),
-            ("stale", "Stale overlays"),
+            ("stale", "Stale overlays shown"),
             ("latency_last", "Receive → result"),
             ("latency_pct", "  p50 / p99"),
             ("queue", "  queue"),
@@ -300,6 +301,7 @@ class MainWindow(QMainWindow):
             self.session.mark_painted(plan.frame.seq, now)
         if new_frame:
             self.painted_frames += 1
+            self.stale_frames += plan.state is OverlayState.STALE
             if previous_seq is None:
                 logger.info("First frame painted: %dx%d", plan.frame.width, plan.frame.height)
             self.framePainted.emit(plan.frame.seq)
@@ -366,7 +368,7 @@ class MainWindow(QMainWindow):
         m["input_fps"].setText(f"{stats.input_fps:.1f} fps")
         m["processed_fps"].setText(f"{stats.processed_fps:.1f} fps")
         m["skipped"].setText(f"{stats.frames_skipped:,}")
-        m["stale"].setText(f"{stats.stale_paints:,}")
+        m["stale"].setText(f"{self.stale_frames:,}")
         last: Mapping[str, float] = stats.last_ms
         m["latency_last"].setText(f"{_fmt_ms(last.get('receive_to_result'))} ms")
         r2r = stats.latency.get("receive_to_result", {})

@@ -13,7 +13,7 @@ from pytestqt.qtbot import QtBot
 from test_ui_support import ENTRY, TARGET_CENTRE, TIP, ScriptedSession, make_frame, make_result
 
 from ui import theme
-from ui.image_view import OverlayState, contours_to_path, plan_paint
+from ui.image_view import OverlayState, clip_segment_end, contours_to_path, plan_paint
 from ui.main_window import MainWindow
 
 pytestmark = [pytest.mark.gui, pytest.mark.qt_log_ignore("propagateSizeHints")]
@@ -89,6 +89,13 @@ def test_ui_contours_joined_closed_with_nan_breaks() -> None:
     assert contours_to_path(()).shape == (0, 2)
 
 
+def test_ui_trajectory_clipped_to_image() -> None:
+    assert clip_segment_end((10, 10), (400, 10), 256, 128) == pytest.approx((255.5, 10))
+    assert clip_segment_end((10, 10), (10, -50), 256, 128) == pytest.approx((10, -0.5))
+    assert clip_segment_end((100, 64), (500, 264), 256, 128) == pytest.approx((227.0, 127.5))
+    assert clip_segment_end((10, 10), (20, 20), 256, 128) == pytest.approx((20, 20))
+
+
 # ---------------------------------------------------------------------------- window
 def test_ui_overlay_items_hold_result_geometry(window: MainWindow, session: ScriptedSession) -> None:
     frame = make_frame(3)
@@ -137,6 +144,9 @@ def test_ui_stale_overlay_greyed_with_badge(window: MainWindow, session: Scripte
     assert v.instrument_curve.opts["pen"].color().name() == theme.COLOURS.stale
     assert "STALE" in window.path_label.text()
     assert _close(_window_pixel(window, *TIP), theme.COLOURS.stale)
+    assert window.stale_frames == 1
+    window.refresh_stats()
+    assert window.metric_labels["stale"].text() == "1"
     # The AI catches up: the overlay is current again and the badge goes.
     session.result = make_result(session.frame)
     window.paint_tick()

@@ -116,7 +116,7 @@ def run_app(session: SessionView, options: FrontendOptions) -> int:
         sigint_timer.timeout.connect(lambda: None)
         sigint_timer.start(250)
     try:
-        if getattr(options, "fullscreen", False):
+        if options.fullscreen:
             window.showFullScreen()
         else:
             window.show()

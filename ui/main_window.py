@@ -171,7 +171,7 @@ class MainWindow(QMainWindow):
             ("input_fps", "Input"),
             ("processed_fps", "AI"),
             ("skipped", "Skipped frames"),
-            ("stale", "Stale overlays shown"),
+            ("stale", "Stale frames"),
             ("latency_last", "Receive → result"),
             ("latency_pct", "  p50 / p99"),
             ("queue", "  queue"),
@@ -199,7 +199,7 @@ class MainWindow(QMainWindow):
         col.addWidget(card)
 
         col.addStretch(1)
-        hint = QLabel("F11 full screen · S sync · T path · Space freeze · Ctrl+Q quit")
+        hint = QLabel("F11 full screen · S sync · T path\nSpace freeze · Ctrl+Q quit")
         hint.setObjectName("detail")
         hint.setWordWrap(True)
         hint.setStyleSheet(f"color: {theme.TEXT_DIM}; font-size: 9pt;")
@@ -342,10 +342,10 @@ class MainWindow(QMainWindow):
             details.append(f"Confidence {needle.confidence * 100:.0f} %{low}")
         if interp.tip_to_boundary_mm is not None:
             inside = " (inside)" if interp.tip_to_boundary_mm < 0 else ""
-            details.append(f"to edge {abs(interp.tip_to_boundary_mm):.1f} mm{inside}")
+            details.append(f"Target edge {abs(interp.tip_to_boundary_mm):.1f} mm{inside}")
         if plan.state is not OverlayState.CURRENT:
-            details.append(f"overlay {plan.age_ms:.0f} ms old")
-        self.detail_label.setText("  ·  ".join(details) or " ")
+            details.append(f"Overlay {plan.age_ms:.0f} ms old")
+        self.detail_label.setText("\n".join(details) or " ")
 
     @staticmethod
     def _set_colour(label: QLabel, colour: str) -> None:

@@ -70,6 +70,10 @@ def test_ui_thread_errors_reach_status_bar(qtbot: QtBot) -> None:
         t.join(2)
         qtbot.waitUntil(lambda: "decoder lost sync" in window.error_text)
         assert "guidance-test-boom" in window.error_text
+        # GUI-thread errors (an exception escaping a slot) go through sys.excepthook.
+        err = ValueError("bad overlay geometry")
+        sys.excepthook(ValueError, err, None)
+        qtbot.waitUntil(lambda: "bad overlay geometry" in window.error_text)
     finally:
         hooks.uninstall()
     assert threading.excepthook is before

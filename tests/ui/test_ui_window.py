@@ -162,7 +162,7 @@ def test_ui_lagging_overlay_shows_age(window: MainWindow, session: ScriptedSessi
     window.paint_tick()
     assert window.view.state is OverlayState.LAGGING
     assert window.view.badge.text() == "AI 20 ms behind"
-    assert "overlay 20 ms old" in window.detail_label.text()
+    assert "Overlay 20 ms old" in window.detail_label.text()
 
 
 def test_ui_no_instrument_readout(window: MainWindow, session: ScriptedSession) -> None:

@@ -1,0 +1,28 @@
+"""Simulated scanners with ground truth: B-mode ultrasound and X-ray fluoroscopy phantoms.
+
+Every phantom is deterministic from ``(seed, frame index)`` with random access (``frame(i)``) and endless
+iteration, and returns :class:`PhantomFrame` (image + label map + instrument/target geometry).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guidance.phantoms.base import Phantom, PhantomFrame
+from guidance.phantoms.ultrasound import UltrasoundConfig, UltrasoundPhantom
+
+__all__ = [
+    "Phantom",
+    "PhantomFrame",
+    "UltrasoundConfig",
+    "UltrasoundPhantom",
+    "make_phantom",
+]
+
+
+def make_phantom(modality: str, **kw: Any) -> Phantom:
+    """Create the phantom of ``modality`` (``"us"`` or ``"fluoro"``); ``kw`` go to its constructor."""
+    m = modality.lower()
+    if m in ("us", "ultrasound"):
+        return UltrasoundPhantom(**kw)
+    raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'")

@@ -1,0 +1,123 @@
+"""Ultrasound phantom: determinism, random access, ground truth consistent with the label map."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from engines.base import INSTRUMENT, TARGET
+from guidance.phantoms import PhantomFrame, UltrasoundConfig, UltrasoundPhantom, make_phantom
+
+
+def test_phantom_frames_are_deterministic_and_random_access() -> None:
+    a = UltrasoundPhantom(seed=7)
+    b = UltrasoundPhantom(seed=7)
+    for i in (120, 3, 57):
+        fa, fb = a.frame(i), b.frame(i)
+        assert np.array_equal(fa.image, fb.image)
+        assert np.array_equal(fa.labels, fb.labels)
+        assert fa.tip_px == fb.tip_px
+    it = iter(a)
+    first = [next(it) for _ in range(3)]
+    assert [f.index for f in first] == [0, 1, 2]
+    assert np.array_equal(first[2].image, a.frame(2).image)
+    assert not np.array_equal(a.frame(100).image, UltrasoundPhantom(seed=8).frame(100).image)
+
+
+def test_phantom_frame_types_and_geometry() -> None:
+    p = UltrasoundPhantom(seed=1, width=200, height=160, fps=20.0, spacing_mm=(0.3, 0.25))
+    f = p.frame(40)
+    assert isinstance(f, PhantomFrame)
+    assert f.image.shape == (160, 200)
+    assert f.image.dtype == np.uint8
+    assert f.labels.shape == (160, 200)
+    assert f.labels.dtype == np.uint8
+    assert set(np.unique(f.labels)) <= {0, 1, 2}
+    assert f.time_s == pytest.approx(2.0)
+    assert f.spacing_mm == (0.3, 0.25)
+    assert f.modality == "us"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_phantom_ground_truth_matches_labels(seed: int) -> None:
+    p = UltrasoundPhantom(seed=seed)
+    seen_needle = seen_empty = 0
+    for i in range(0, 330, 11):
+        f = p.frame(i)
+        inst = f.labels == INSTRUMENT
+        assert f.instrument_present == bool(inst.any())
+        if not f.instrument_present:
+            seen_empty += 1
+            assert f.tip_px is None
+            assert f.entry_px is None
+            assert f.axis_angle_deg is None
+            continue
+        seen_needle += 1
+        assert f.tip_px is not None
+        assert f.entry_px is not None
+        assert f.axis_angle_deg is not None
+        ys, xs = np.nonzero(inst)
+        # the tip is at the end of the labelled shaft: some label pixel within 1.5 px, none far beyond it
+        d_tip = np.hypot(xs - f.tip_px[0], ys - f.tip_px[1])
+        assert d_tip.min() <= 1.5
+        direction = np.array([f.tip_px[0] - f.entry_px[0], f.tip_px[1] - f.entry_px[1]])
+        direction /= np.linalg.norm(direction)
+        along = (np.stack([xs, ys], 1) - np.array(f.entry_px)) @ direction
+        length = math.hypot(f.tip_px[0] - f.entry_px[0], f.tip_px[1] - f.entry_px[1])
+        assert along.max() <= length + 1.0
+        angle = math.degrees(math.atan2(direction[1], direction[0])) % 180.0
+        assert abs(angle - f.axis_angle_deg) < 1e-6
+        # the needle enters from the top half and goes down
+        assert direction[1] > 0
+    assert seen_needle > 5 or not p.config.needle
+    assert seen_empty >= 1  # every sequence has frames without a needle (lead-in / withdrawn)
+
+
+def test_phantom_target_centroid_and_radius() -> None:
+    p = UltrasoundPhantom(seed=0, geometry="linear", target_kind="hypo")
+    f = p.frame(0)
+    assert f.target_centroid_px is not None
+    ys, xs = np.nonzero(f.labels == TARGET)
+    assert abs(xs.mean() - f.target_centroid_px[0]) < 1.0
+    assert abs(ys.mean() - f.target_centroid_px[1]) < 1.0
+    assert f.target_radius_px == pytest.approx(math.sqrt(xs.size / math.pi), rel=0.1)
+    # hypo-echoic: darker inside than around
+    ring = np.hypot(
+        *np.meshgrid(np.arange(256) - f.target_centroid_px[0], np.arange(256) - f.target_centroid_px[1])
+    )
+    outside = (ring > f.target_radius_px * 1.5) & (ring < f.target_radius_px * 2.5)
+    assert f.image[f.labels == TARGET].mean() < f.image[outside].mean() - 15
+
+
+def test_phantom_config_sampling_and_overrides() -> None:
+    cfgs = [UltrasoundConfig.sample(s) for s in range(20)]
+    assert len({c.geometry for c in cfgs}) == 2
+    assert len({c.target_kind for c in cfgs}) >= 3
+    assert all(15.0 <= c.needle_angle_deg <= 70.0 for c in cfgs)
+    assert UltrasoundConfig.sample(3) == UltrasoundConfig.sample(3)
+    p = UltrasoundPhantom(seed=3, geometry="curvilinear", needle_angle_deg=30.0)
+    assert p.config.geometry == "curvilinear"
+    assert p.config.needle_angle_deg == 30.0
+    f = p.frame(0)
+    assert f.image[0, 0] == 0  # outside the sector
+    assert f.labels[0, 0] == 0
+
+
+def test_phantom_insertion_schedule_advances_and_withdraws() -> None:
+    cfg = UltrasoundConfig(lead_in_s=0.5, cycle_s=8.0)
+    assert cfg.insertion_fraction(0.0) == 0.0
+    fr = [cfg.insertion_fraction(0.5 + 8.0 * k / 100) for k in range(100)]
+    assert max(fr) == pytest.approx(1.0)
+    peak = int(np.argmax(fr))
+    assert all(b >= a for a, b in itertools.pairwise(fr[: peak + 1]))  # advancing
+    assert fr[-1] == 0.0  # withdrawn again at the end of a cycle
+    assert UltrasoundConfig(needle=False).insertion_fraction(3.0) == 0.0
+
+
+def test_make_phantom() -> None:
+    assert isinstance(make_phantom("us", seed=2, width=64, height=64), UltrasoundPhantom)
+    with pytest.raises(ValueError, match="modality"):
+        make_phantom("mri")

@@ -425,9 +425,25 @@ class RecordingReader:
         self._results = 0
 
     def open(self) -> RecordingReader:
-        """Check that the file is a readable recording (scans it once); returns self."""
-        self._scan()
-        return self
+        """Check that the file is one of our recordings (reads only its first records); returns self.
+
+        Raises:
+            RecordingError: not an MCAP file, or no session metadata where our writer puts it.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                records = StreamReader(f).records
+                for _ in range(4):  # Header, then our "session" Metadata record
+                    rec = next(records)
+                    if isinstance(rec, Metadata) and rec.name == "session":
+                        return self
+        except OSError as exc:
+            raise RecordingError(f"{self.path}: cannot open ({exc.strerror or exc})") from exc
+        except StopIteration as exc:
+            raise RecordingError(f"{self.path.name}: not a recording (empty)") from exc
+        except _TRUNCATION_ERRORS as exc:
+            raise RecordingError(f"{self.path.name}: not a recording ({type(exc).__name__})") from exc
+        raise RecordingError(f"{self.path.name}: not a guidance recording (no session metadata)")
 
     def __iter__(self) -> Iterator[RecordedMessage]:
         for ch, msg in self._records():

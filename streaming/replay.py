@@ -408,13 +408,23 @@ def _recording_items(reader: RecordingReader) -> Callable[[], Iterator[_Item]]:
 
 
 def _sequence_items(seq: SequenceFile, device: str) -> Callable[[], Iterator[_Item]]:
+    """IMAGE per frame (skipped when its ImageStatus is INVALID, as PlusServer does), then one TRANSFORM
+    per transform whose status is OK (device = transform name, e.g. ``ProbeToTracker``), same time."""
+    from streaming.igtl.codec import encode_transform
+
     encode = _image_encoder()
     offsets = np.round((seq.timestamps - seq.timestamps[0]) * 1e9).astype(np.int64) if len(seq) else []
 
     def items() -> Iterator[_Item]:
-        for i, frame in enumerate(seq.iter_frames(device)):
-            msg = encode(frame.pixels, device, frame.spacing_mm)
-            yield _Item(int(offsets[i]), msg[:IGTL_HEADER_SIZE], memoryview(msg)[IGTL_HEADER_SIZE:])
+        for i in range(len(seq)):
+            off = int(offsets[i])
+            if seq.image_status[i] != "INVALID":
+                msg = encode(seq.frames[i], device, seq.spacing)
+                yield _Item(off, msg[:IGTL_HEADER_SIZE], memoryview(msg)[IGTL_HEADER_SIZE:])
+            for name, mats in seq.transforms.items():
+                if seq.transform_status[name][i] == "OK":
+                    t = encode_transform(mats[i], name[:20])
+                    yield _Item(off, t[:IGTL_HEADER_SIZE], memoryview(t)[IGTL_HEADER_SIZE:])
 
     return items
 

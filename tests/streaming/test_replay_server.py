@@ -183,3 +183,43 @@ def test_replay_cli_serves_a_file(tmp_path: Path) -> None:
             proc.wait(10)
     assert proc.returncode == 0, err
     assert "sent 3 messages" in err
+
+
+def test_replay_plus_sample_sends_images_and_transforms() -> None:
+    from conftest import PLUS_DATA
+
+    from streaming.igtl import TransformMessage
+    from streaming.sequence import read_sequence
+
+    seq = read_sequence(PLUS_DATA / "NwirePhantomFreehand.igs.mha")
+    seq = SequenceFile(  # the first 5 frames, so the test stays short
+        frames=seq.frames[:5],
+        timestamps=seq.timestamps[:5],
+        image_status=seq.image_status[:5],
+        transforms={k: v[:5] for k, v in seq.transforms.items()},
+        transform_status={k: v[:5] for k, v in seq.transform_status.items()},
+    )
+    sink = _Sink()
+    transforms: list[TransformMessage] = []
+    with ReplayServer(seq, max_speed=True, device="Image_Reference") as server:
+        client = IGTLClient(
+            "127.0.0.1",
+            server.port,
+            on_frame=sink.on_frame,
+            on_message=lambda m: transforms.append(m) if isinstance(m, TransformMessage) else None,
+            reconnect=False,
+            name="guidance-test-client",
+        )
+        client.start()
+        try:
+            assert server.wait(20.0)
+            assert sink.wait(5)
+        finally:
+            client.stop()
+    assert [f.device for f in sink.frames] == ["Image_Reference"] * 5
+    np.testing.assert_array_equal(sink.frames[4].pixels, seq.frames[4])
+    # StylusToTracker is INVALID in every frame of this file: only the two OK transforms are sent.
+    assert sorted({t.device for t in transforms}) == ["ProbeToTracker", "ReferenceToTracker"]
+    probe = [t for t in transforms if t.device == "ProbeToTracker"]
+    assert len(probe) == 5
+    np.testing.assert_allclose(probe[2].matrix, seq.transforms["ProbeToTracker"][2], rtol=1e-6, atol=1e-3)

@@ -9,6 +9,7 @@ import pytest
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
+from test_ui_support import close_colour, window_pixel
 
 from guidance.config import EngineSettings, Settings, SimulatorSettings
 from guidance.frontend import FrontendOptions
@@ -53,19 +54,27 @@ def test_ui_live_session_overlay_matches_result(qtbot: QtBot) -> None:
             )
 
         qtbot.waitUntil(painted_with_needle, timeout=15_000)
-        window.stop_timers()  # hold still while we compare
-        shown = session.latest_result()
-        assert shown is not None
+        # Hold still: stop painting and the pipeline, then repaint from the final slot contents.
+        window.stop_timers()
+        session.stop()
         window._last_result = None
         window.paint_tick()
+        shown = session.latest_result()
+        assert shown is not None
         v = window.view
-        if v.overlay_seq == shown.seq and shown.interpretation.instrument is not None:
-            tip = v.tip_marker.getData()
-            assert (tip[0][0], tip[1][0]) == pytest.approx(shown.interpretation.instrument.tip_px)
-            x, y = v.instrument_curve.getData()
-            first = shown.interpretation.instrument_contours[0]
+        assert v.overlay_seq == shown.seq
+        interp = shown.interpretation
+        x, y = v.instrument_curve.getData()
+        if interp.instrument_contours:
+            first = interp.instrument_contours[0]
             np.testing.assert_allclose(np.stack([x, y], 1)[: len(first)], first)
-        assert v.state in (OverlayState.CURRENT, OverlayState.LAGGING, OverlayState.STALE)
+        if interp.instrument is not None:
+            tip = v.tip_marker.getData()
+            assert (tip[0][0], tip[1][0]) == pytest.approx(interp.instrument.tip_px)
+            colour = theme.COLOURS.stale if v.state is OverlayState.STALE else theme.COLOURS.tip
+            assert close_colour(window_pixel(window, *interp.instrument.tip_px), colour)
+        else:
+            assert v.tip_marker.getData()[0].size == 0
         window.refresh_stats()
         assert window.metric_labels["input_fps"].text().endswith("fps")
         assert window.engine_label.text() != "–"

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+from PySide6.QtCore import QPoint
+from PySide6.QtGui import QColor
 
 from guidance.config import Settings
 from guidance.latency import StageTimes
 from guidance.results import GuidanceResult, InstrumentEstimate, Interpretation, TargetEstimate
 from streaming.frame import Frame
+from ui.main_window import MainWindow
 
 TIP = (150.0, 110.0)
 ENTRY = (40.0, 30.0)
@@ -146,6 +149,19 @@ class ScriptedSession:
 
     def report_error(self, message: str) -> None:
         self.fake_stats.last_error = message
+
+
+def window_pixel(w: MainWindow, x: float, y: float) -> QColor:
+    p = w.view.image_to_widget(x, y)
+    in_window = w.view.mapTo(w, QPoint(round(p.x()), round(p.y())))
+    img = w.grab().toImage()
+    scale = img.devicePixelRatio()
+    return img.pixelColor(round(in_window.x() * scale), round(in_window.y() * scale))
+
+
+def close_colour(a: QColor, hex_colour: str, tol: int = 40) -> bool:
+    b = QColor(hex_colour)
+    return max(abs(a.red() - b.red()), abs(a.green() - b.green()), abs(a.blue() - b.blue())) <= tol
 
 
 def now_ns() -> int:

@@ -6,11 +6,19 @@ import threading
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QPoint, Qt
-from PySide6.QtGui import QColor
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
-from test_ui_support import ENTRY, TARGET_CENTRE, TIP, ScriptedSession, make_frame, make_result
+from test_ui_support import (
+    ENTRY,
+    TARGET_CENTRE,
+    TIP,
+    ScriptedSession,
+    close_colour,
+    make_frame,
+    make_result,
+    window_pixel,
+)
 
 from ui import theme
 from ui.image_view import OverlayState, clip_segment_end, contours_to_path, plan_paint
@@ -35,19 +43,6 @@ def window(qtbot: QtBot, session: ScriptedSession) -> MainWindow:
     w.show()
     qtbot.waitExposed(w)
     return w
-
-
-def _window_pixel(w: MainWindow, x: float, y: float) -> QColor:
-    p = w.view.image_to_widget(x, y)
-    in_window = w.view.mapTo(w, QPoint(round(p.x()), round(p.y())))
-    img = w.grab().toImage()
-    scale = img.devicePixelRatio()
-    return img.pixelColor(round(in_window.x() * scale), round(in_window.y() * scale))
-
-
-def _close(a: QColor, hex_colour: str, tol: int = 40) -> bool:
-    b = QColor(hex_colour)
-    return max(abs(a.red() - b.red()), abs(a.green() - b.green()), abs(a.blue() - b.blue())) <= tol
 
 
 # ---------------------------------------------------------------------------- pure paint planning
@@ -128,7 +123,7 @@ def test_ui_overlay_items_hold_result_geometry(window: MainWindow, session: Scri
     assert window.distance_label.text() == "21.4"
     assert "ON PATH" in window.path_label.text()
     # The tip marker is really drawn where the tip is: the grabbed window is tip-yellow there.
-    assert _close(_window_pixel(window, *TIP), theme.COLOURS.tip), _window_pixel(window, *TIP).name()
+    assert close_colour(window_pixel(window, *TIP), theme.COLOURS.tip), window_pixel(window, *TIP).name()
 
 
 def test_ui_stale_overlay_greyed_with_badge(window: MainWindow, session: ScriptedSession) -> None:
@@ -143,7 +138,7 @@ def test_ui_stale_overlay_greyed_with_badge(window: MainWindow, session: Scripte
     assert v.instrument_curve.opts["pen"].style() == Qt.PenStyle.DashLine
     assert v.instrument_curve.opts["pen"].color().name() == theme.COLOURS.stale
     assert "STALE" in window.path_label.text()
-    assert _close(_window_pixel(window, *TIP), theme.COLOURS.stale)
+    assert close_colour(window_pixel(window, *TIP), theme.COLOURS.stale)
     assert window.stale_frames == 1
     window.refresh_stats()
     assert window.metric_labels["stale"].text() == "1"

@@ -1,0 +1,253 @@
+"""Model assets: ``assets/models/<name>.onnx`` beside its ``<name>.json`` model card, loaded sha256-verified.
+
+The card format is the one written by :func:`engines.models.unet.write_model_card` (fields ``name``,
+``version``, ``classes``, ``input``, ``normalization``, ``output``, ``architecture``, ``training``,
+``evaluation``, ``onnx {file, opset, sha256}``, ``intended_use``, ``limits``). A top-level ``sha256`` is
+accepted as well. :func:`load_model_card` refuses an ONNX file whose hash differs from the card, saying
+which file, the expected and the actual hash.
+
+Torch weights, for the torch backend, are ``<name>.pt`` beside the ONNX file: a ``state_dict`` of
+``engines.models.unet.build_model(card["architecture"]["config"])`` (loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from engines.base import CLASS_NAMES, EngineError
+from engines.preprocess import Normalization, PreprocessError
+
+logger = logging.getLogger(__name__)
+
+#: Where shipped models live (``<repo>/assets/models``); ``GUIDANCE_MODELS_DIR`` overrides it.
+MODELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
+#: The shipped model used when settings name none.
+DEFAULT_MODEL_NAME = "guidance-unet"
+
+
+class ModelAssetError(EngineError):
+    """A model file or card is missing, malformed or does not match its hash; one readable line."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """The parts of a model card the engines use, plus the raw card."""
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    input_name: str
+    input_hw: tuple[int, int]
+    channels: int
+    normalization: Normalization
+    output_kind: str
+    outputs: tuple[OutputTensor, ...]
+    sha256: str
+    onnx_path: Path
+    card_path: Path
+    raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def torch_weights_path(self) -> Path:
+        return self.onnx_path.with_suffix(".pt")
+
+    @property
+    def architecture(self) -> Mapping[str, Any]:
+        arch = self.raw.get("architecture", {})
+        return arch if isinstance(arch, Mapping) else {}
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+def _req(d: Mapping[str, Any], key: str, where: Path) -> Any:
+    if key not in d:
+        raise ModelAssetError(f"model card {where} lacks the field {key!r}")
+    return d[key]
+
+
+def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
+    """Build a :class:`ModelCard` from a card's JSON (no hash check)."""
+    try:
+        inp = _req(data, "input", card_path)
+        onnx_block = data.get("onnx", {}) if isinstance(data.get("onnx"), Mapping) else {}
+        sha = str(onnx_block.get("sha256") or data.get("sha256") or "")
+        if not sha:
+            raise ModelAssetError(f"model card {card_path} has no sha256 of its ONNX file")
+        onnx_name = str(onnx_block.get("file") or card_path.with_suffix(".onnx").name)
+        layout = str(inp.get("layout", "NCHW"))
+        dtype = str(inp.get("dtype", "float32"))
+        if layout != "NCHW" or dtype != "float32":
+            raise ModelAssetError(f"model card {card_path}: input must be NCHW float32, got {layout} {dtype}")
+        out = data.get("output", {})
+        tensors = tuple(
+            OutputTensor(
+                str(t["name"]), tuple(int(s) for s in t.get("shape", ())), str(t.get("dtype", "float32"))
+            )
+            for t in out.get("tensors", ())
+        )
+        classes = tuple(str(c) for c in _req(data, "classes", card_path))
+        if classes != CLASS_NAMES[: len(classes)] or len(classes) < 2:
+            raise ModelAssetError(
+                f"model card {card_path}: classes {list(classes)} do not match {list(CLASS_NAMES)}"
+            )
+        norm = Normalization.from_card(_req(data, "normalization", card_path))
+        return ModelCard(
+            name=str(_req(data, "name", card_path)),
+            version=str(data.get("version", "")),
+            classes=classes,
+            input_name=str(inp.get("name", "")),
+            input_hw=(int(inp["height"]), int(inp["width"])),
+            channels=int(inp.get("channels", 1)),
+            normalization=norm,
+            output_kind=str(out.get("kind", "logits")),
+            outputs=tensors,
+            sha256=sha.lower(),
+            onnx_path=card_path.parent / onnx_name,
+            card_path=card_path,
+            raw=MappingProxyType(dict(data)),
+        )
+    except PreprocessError as exc:
+        raise ModelAssetError(f"model card {card_path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelAssetError(f"model card {card_path} is malformed: {exc!r}") from exc
+
+
+def card_path_for(path: Path) -> Path:
+    """``x.json`` for ``x.json`` or ``x.onnx`` (or a folder holding exactly one card)."""
+    path = Path(path)
+    if path.is_dir():
+        cards = sorted(path.glob("*.json"))
+        if len(cards) != 1:
+            raise ModelAssetError(f"{path} holds {len(cards)} model cards; name one")
+        return cards[0]
+    return path if path.suffix == ".json" else path.with_suffix(".json")
+
+
+def load_model_card(path: Path | str, verify: bool = True) -> ModelCard:
+    """Read the model card for ``path`` (the ``.json`` or the ``.onnx``) and verify the ONNX sha256.
+
+    Raises:
+        ModelAssetError: card missing/malformed, ONNX file missing, or its sha256 differs from the card.
+    """
+    card_path = card_path_for(Path(path))
+    try:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelAssetError(f"model card {card_path} not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelAssetError(f"model card {card_path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelAssetError(f"model card {card_path} must hold a JSON object")
+    card = parse_model_card(card_path, data)
+    if not card.onnx_path.is_file():
+        raise ModelAssetError(f"model file {card.onnx_path} (named by {card_path.name}) not found")
+    if verify:
+        actual = sha256_file(card.onnx_path)
+        if actual != card.sha256:
+            raise ModelAssetError(
+                f"model file {card.onnx_path} does not match its card {card_path.name}: "
+                f"expected sha256 {card.sha256}, actual {actual} (file modified or card stale)"
+            )
+    logger.info("Model %s (%s), input %dx%d", card.name, card.version, card.input_hw[1], card.input_hw[0])
+    return card
+
+
+def models_dir() -> Path:
+    env = os.environ.get("GUIDANCE_MODELS_DIR")
+    return Path(env) if env else MODELS_DIR
+
+
+def resolve_model(model: str | Path | None = None) -> Path:
+    """Path of the card for ``model``: a file/folder path, a shipped model name, or the default."""
+    if model:
+        p = Path(model)
+        if p.exists():
+            return card_path_for(p)
+        cand = models_dir() / f"{model}.json"
+        if cand.exists():
+            return cand
+        raise ModelAssetError(
+            f"model {str(model)!r} not found (neither a path nor a model in {models_dir()})"
+        )
+    default = models_dir() / f"{DEFAULT_MODEL_NAME}.json"
+    if default.exists():
+        return default
+    cards = sorted(models_dir().glob("*.json"))
+    if len(cards) == 1:
+        return cards[0]
+    raise ModelAssetError(f"no shipped model in {models_dir()} (expected {DEFAULT_MODEL_NAME}.json)")
+
+
+def make_random_model(
+    directory: Path,
+    height: int = 256,
+    width: int = 256,
+    *,
+    seed: int = 0,
+    tiny: bool = False,
+    name: str | None = None,
+    include_argmax: bool = True,
+) -> Path:
+    """Write a randomly initialised network of the shipped family (ONNX + card + ``.pt`` state dict).
+
+    Stands in for the trained model in tests and benchmarks until one is shipped. Needs torch and onnx
+    (the ``train`` extra). Returns the card path.
+    """
+    try:
+        import torch
+
+        from engines.models import unet
+    except ImportError as exc:
+        raise ModelAssetError(
+            f"making a random model needs torch and onnx (pip install 'guidance[train]'): {exc}"
+        ) from exc
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = unet.TINY_CONFIG if tiny else unet.UNetConfig()
+    name = name or f"random-{'tiny' if tiny else 'unet'}-{height}x{width}-s{seed}"
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = unet.build_model(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    info = unet.CardInfo(
+        name=name,
+        version="0.0.0-random",
+        training={"data": "none (random initialisation, stand-in until the trained model ships)"},
+        limits=["random weights: outputs are meaningless"],
+    )
+    _, card_path = unet.export_model_asset(
+        model, directory, info, height=height, width=width, include_argmax=include_argmax
+    )
+    torch.save(model.state_dict(), card_path.with_suffix(".pt"))
+    return card_path

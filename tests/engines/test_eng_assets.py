@@ -1,0 +1,81 @@
+"""engines.assets: model cards, sha256 verification, model resolution."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engines.assets import ModelAssetError, load_model_card, make_random_model, resolve_model, sha256_file
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_model(tmp_path_factory.mktemp("model"), 32, 32, tiny=True, name="tiny")
+
+
+def _copy(src_card: Path, dst: Path) -> Path:
+    for suffix in (".json", ".onnx", ".pt"):
+        shutil.copy(src_card.with_suffix(suffix), dst / f"tiny{suffix}")
+    return dst / "tiny.json"
+
+
+def test_eng_card_loads_and_describes_model(tiny_model: Path) -> None:
+    card = load_model_card(tiny_model)
+    assert card.name == "tiny"
+    assert card.classes == ("background", "instrument", "target")
+    assert card.input_hw == (32, 32)
+    assert card.channels == 1
+    assert card.normalization.kind == "percentile"
+    assert {"labels", "instrument_prob"} <= set(card.output_names())
+    assert card.sha256 == sha256_file(card.onnx_path)
+    assert card.torch_weights_path.is_file()
+    assert load_model_card(tiny_model.with_suffix(".onnx")).name == "tiny"
+
+
+def test_eng_tampered_onnx_is_rejected_with_both_hashes(tiny_model: Path, tmp_path: Path) -> None:
+    card_path = _copy(tiny_model, tmp_path)
+    onnx_path = tmp_path / "tiny.onnx"
+    expected = sha256_file(onnx_path)
+    with open(onnx_path, "ab") as fh:
+        fh.write(b"\0")
+    actual = sha256_file(onnx_path)
+    with pytest.raises(ModelAssetError) as info:
+        load_model_card(card_path)
+    msg = str(info.value)
+    assert str(onnx_path) in msg
+    assert f"expected sha256 {expected}" in msg
+    assert f"actual {actual}" in msg
+
+
+def test_eng_missing_and_malformed_cards(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelAssetError, match="not found"):
+        load_model_card(tmp_path / "nothing.json")
+    card_path = _copy(tiny_model, tmp_path)
+    (tmp_path / "tiny.onnx").unlink()
+    with pytest.raises(ModelAssetError, match=r"tiny\.onnx.*not found"):
+        load_model_card(card_path)
+    data = json.loads(tiny_model.read_text())
+    del data["onnx"]
+    bad = tmp_path / "nohash.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ModelAssetError, match="no sha256"):
+        load_model_card(bad)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ModelAssetError, match="unreadable"):
+        load_model_card(tmp_path / "junk.json")
+
+
+def test_eng_resolve_model_by_name_and_default(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GUIDANCE_MODELS_DIR", str(tmp_path))
+    with pytest.raises(ModelAssetError, match="no shipped model"):
+        resolve_model(None)
+    _copy(tiny_model, tmp_path)
+    assert resolve_model("tiny") == tmp_path / "tiny.json"
+    assert resolve_model(None) == tmp_path / "tiny.json"  # the only card
+    with pytest.raises(ModelAssetError, match="not found"):
+        resolve_model("absent-model")

@@ -1,0 +1,126 @@
+"""Registry selection, probe messages, and every available backend agreeing with torch eager."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import registry
+from engines.assets import make_random_model
+from engines.backends import onnxruntime_backend, tensorrt_backend, torch_backend
+from engines.base import EngineUnavailable, SegmentationEngine
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    # zero head bias would make every class plausible; the random model's background prior is kept,
+    # so also compare the probabilities, which carry the real signal.
+    make_random_model(d, 64, 64, tiny=True, seed=1, name="labels")
+    make_random_model(d, 64, 64, tiny=True, seed=1, name="logits", include_argmax=False)
+    return d
+
+
+def _frames() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [
+        rng.integers(0, 256, size=(80, 100), dtype=np.uint8),
+        rng.integers(0, 4096, size=(64, 64), dtype=np.uint16),
+        rng.random((50, 70, 3), dtype=np.float32),
+    ]
+
+
+def _run(engine: SegmentationEngine) -> list[tuple[np.ndarray, np.ndarray]]:
+    engine.load()
+    try:
+        engine.warm_up()
+        out = []
+        for f in _frames():
+            r = engine.infer(f)
+            assert r.labels.shape == f.shape[:2]
+            assert r.labels.dtype == np.uint8
+            assert r.instrument_prob is not None
+            out.append((r.labels, r.instrument_prob))
+        return out
+    finally:
+        engine.close()
+
+
+def test_eng_registry_lists_backends_in_priority_order() -> None:
+    names = [s.name for s in registry.backends()]
+    assert {"onnxruntime", "torch", "tensorrt"} <= set(names)
+    prios = [s.priority for s in registry.backends()]
+    assert prios == sorted(prios, reverse=True)
+    trt = next(s for s in registry.backends() if s.name == "tensorrt")
+    assert not trt.available
+    assert trt.reason  # one-line reason
+
+
+def test_eng_auto_prefers_onnxruntime_over_torch_on_cpu() -> None:
+    if torch_backend.cuda_likely():
+        pytest.skip("CUDA machine: torch outranks onnxruntime there")
+    assert registry.resolve("auto") == "onnxruntime"
+
+
+def test_eng_named_backend_errors_are_one_line() -> None:
+    with pytest.raises(EngineUnavailable, match=r"unknown engine backend 'nope'; known: .*onnxruntime"):
+        registry.resolve("nope")
+    with pytest.raises(
+        EngineUnavailable, match="engine backend 'tensorrt' is not available: tensorrt is not"
+    ):
+        registry.create("tensorrt")
+
+
+def test_eng_probe_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def no_torch(name: str, *a: object) -> object:
+        return None if name == "torch" else real(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_torch)
+    assert torch_backend.probe() == "torch is not installed (pip install 'guidance[train]')"
+    if HAS_TORCH:
+        monkeypatch.setattr(importlib.util, "find_spec", real)
+        reason = torch_backend.probe_cuda()
+        import torch
+
+        if not torch.cuda.is_available():
+            assert reason is not None
+            assert reason.startswith("no CUDA device")
+
+
+@needs_torch
+def test_eng_onnxruntime_agrees_with_torch_eager(model_dir: Path) -> None:
+    ref = _run(torch_backend.TorchEngine(model_dir / "labels.json", device="cpu", optimize=False))
+    for model in ("labels.json", "logits.json"):  # in-graph outputs from export, or appended at load
+        got = _run(onnxruntime_backend.OnnxRuntimeEngine(model_dir / model, device="cpu"))
+        for (la, pa), (lb, pb) in zip(ref, got, strict=True):
+            assert (la == lb).mean() >= 0.999
+            np.testing.assert_allclose(pa, pb, atol=1e-4)
+
+
+@needs_torch
+def test_eng_torch_optimised_agrees_with_torch_eager(model_dir: Path) -> None:
+    ref = _run(torch_backend.TorchEngine(model_dir / "labels.json", device="cpu", optimize=False))
+    got = _run(torch_backend.TorchEngine(model_dir / "labels.json", device="cpu"))
+    for (la, pa), (lb, pb) in zip(ref, got, strict=True):
+        assert (la == lb).mean() >= 0.999
+        np.testing.assert_allclose(pa, pb, atol=1e-4)
+
+
+def test_eng_describe_and_lifecycle(model_dir: Path) -> None:
+    eng = registry.create("onnxruntime", model=model_dir / "labels.json")
+    assert isinstance(eng, SegmentationEngine)
+    eng.load()
+    info = eng.describe()
+    assert info.backend == "onnxruntime"
+    assert info.input_size == (64, 64)
+    assert info.precision == "fp32"
+    eng.close()
+    assert tensorrt_backend.probe() is not None

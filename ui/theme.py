@@ -15,8 +15,9 @@ Design choices (the app is read at the table side, 1-2 m away, often in a dimmed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from PySide6.QtGui import QColor, QFont, QPalette
+from PySide6.QtGui import QColor, QFont, QIcon, QPalette
 from PySide6.QtWidgets import QApplication, QStyleFactory
 
 
@@ -110,8 +111,17 @@ QToolTip {{ background: {PANEL}; color: {TEXT}; border: 1px solid {PANEL_BORDER}
 """
 
 
+ICON_PATH = Path(__file__).with_name("icons") / "guidance.svg"
+
+
+def app_icon() -> QIcon:
+    """The application icon (empty when the SVG is missing from the install)."""
+    return QIcon(str(ICON_PATH)) if ICON_PATH.is_file() else QIcon()
+
+
 def apply_theme(app: QApplication) -> None:
-    """Apply the dark clinical theme to ``app`` (Fusion style, dark palette, stylesheet)."""
+    """Apply the dark clinical theme to ``app`` (Fusion style, dark palette, stylesheet, icon)."""
+    app.setWindowIcon(app_icon())
     style = QStyleFactory.create("Fusion")
     if style is not None:
         app.setStyle(style)

@@ -1,0 +1,132 @@
+"""Read a native recording (``streaming.recording.RecordingReader``) into what the DICOM writers take.
+
+Frames are streamed into a temporary raw file and mapped back as a read-only ``np.memmap`` so a long
+recording never has to fit in memory. Masks come, in order of preference, from the caller, from result
+records of encoding :data:`LABELS_ENCODING` stored in the recording, or are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from guidance.dicom.study import PatientStudy
+from streaming.frame import Frame
+
+logger = logging.getLogger(__name__)
+
+#: Result record encoding we understand: zlib-compressed uint8 label map at the frame's geometry, C order.
+LABELS_ENCODING = "labels-u8-zlib"
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SpilledFrames:
+    """Frames of one device mapped from a temporary file, with their clocks and geometry."""
+
+    pixels: npt.NDArray[np.generic]  # (N, rows, cols) memmap, read-only
+    receive_ns: npt.NDArray[np.int64]  # monotonic clock of each frame
+    seqs: npt.NDArray[np.int64]
+    spacing_mm: tuple[float, float]
+    start_wall_ns: int
+    raw_path: Path
+
+    @property
+    def times_s(self) -> npt.NDArray[np.float64]:
+        return self.receive_ns.astype(np.float64) / 1e9
+
+    @property
+    def start_time(self) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(self.start_wall_ns / 1e9)
+
+    def release(self) -> None:
+        """Delete the temporary file (POSIX keeps a live mapping valid until it is dropped)."""
+        self.raw_path.unlink(missing_ok=True)
+
+
+def spill_frames(frames: Iterable[Frame], work_dir: Path, progress: Progress | None = None) -> SpilledFrames:
+    """Write grayscale frames to ``work_dir/.frames-*.raw`` and map them back (constant memory)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    raw = work_dir / f".frames-{id(frames):x}.raw"
+    times: list[int] = []
+    seqs: list[int] = []
+    shape: tuple[int, int] | None = None
+    dtype: np.dtype[Any] | None = None
+    spacing = (1.0, 1.0)
+    wall = 0
+    try:
+        with open(raw, "wb") as fh:
+            for f in frames:
+                p = f.pixels[:, :, 0] if f.pixels.ndim == 3 and f.pixels.shape[2] == 1 else f.pixels
+                if shape is None:
+                    shape, dtype, spacing, wall = (
+                        (int(p.shape[0]), int(p.shape[1])),
+                        p.dtype,
+                        f.spacing_mm,
+                        f.receive_wall_ns,
+                    )
+                if p.shape != shape or p.dtype != dtype:
+                    logger.warning("Skipping frame %d: geometry/type changed mid-recording", f.seq)
+                    continue
+                fh.write(np.ascontiguousarray(p).data.cast("B"))
+                times.append(f.receive_ns)
+                seqs.append(f.seq)
+                if progress is not None and len(times) % 100 == 0:
+                    progress("reading", len(times))
+        if shape is None or dtype is None:
+            raise ValueError("the recording holds no image frames")
+        mm: npt.NDArray[np.generic] = np.memmap(raw, dtype=dtype, mode="r", shape=(len(times), *shape))
+    except BaseException:
+        raw.unlink(missing_ok=True)
+        raise
+    return SpilledFrames(mm, np.asarray(times, np.int64), np.asarray(seqs, np.int64), spacing, wall, raw)
+
+
+def masks_from_results(
+    results: Iterable[Any], seqs: npt.NDArray[np.int64], shape: tuple[int, int]
+) -> npt.NDArray[np.uint8] | None:
+    """Label maps for frames ``seqs`` from recorded results of :data:`LABELS_ENCODING`; None if absent."""
+    wanted = {int(s): i for i, s in enumerate(seqs)}
+    out: npt.NDArray[np.uint8] | None = None
+    for r in results:
+        if r.encoding != LABELS_ENCODING or int(r.seq) not in wanted:
+            continue
+        if out is None:
+            out = np.zeros((len(seqs), *shape), np.uint8)
+        out[wanted[int(r.seq)]] = np.frombuffer(zlib.decompress(r.payload), np.uint8).reshape(shape)
+    return out
+
+
+def study_from_metadata(meta: Mapping[str, Any]) -> PatientStudy | None:
+    """A PatientStudy from the recording's ``metadata["study"]`` (keys = PatientStudy field names)."""
+    raw = meta.get("study")
+    if not isinstance(raw, Mapping):
+        return None
+    names = {f.name for f in dataclasses.fields(PatientStudy)}
+    kwargs = {k: str(v) for k, v in raw.items() if k in names}
+    if "patient_name" not in kwargs or "patient_id" not in kwargs:
+        return None
+    return PatientStudy(**kwargs).validated()
+
+
+def open_recording(
+    path: Path, device: str | None, work_dir: Path, progress: Progress | None = None
+) -> tuple[SpilledFrames, npt.NDArray[np.uint8] | None, Mapping[str, Any]]:
+    """Frames (spilled), recorded masks (or None) and metadata of a recording file."""
+    from streaming.recording import RecordingReader
+
+    reader = RecordingReader(path).open()
+    spilled = spill_frames(reader.frames(device), work_dir, progress)
+    shape = (int(spilled.pixels.shape[1]), int(spilled.pixels.shape[2]))
+    masks = masks_from_results(reader.results(), spilled.seqs, shape) if reader.result_count else None
+    return spilled, masks, reader.metadata

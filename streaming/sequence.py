@@ -566,13 +566,18 @@ def _read_nrrd(path: Path) -> SequenceFile:
         raise SequenceFormatError(f"{where}: unsupported axes kinds={kinds} sizes={sizes}")
     if comp_axes and comp_axes[0] != 0:
         raise SequenceFormatError(f"{where}: the component axis must be the fastest (kinds={kinds})")
-    if list_axes and list_axes[0] != dim - 1:
-        raise SequenceFormatError(f"{where}: the frame (list) axis must be the slowest (kinds={kinds})")
+    # Older Slicer writes the list axis first ("list domain domain domain": frame index fastest).
+    list_first = bool(list_axes) and list_axes[0] == 0 and dim > 1
+    if list_first and comp_axes:
+        raise SequenceFormatError(f"{where}: a list axis first with a component axis is not supported")
+    if list_axes and not list_first and list_axes[0] != dim - 1:
+        raise SequenceFormatError(f"{where}: the frame (list) axis must be the first or last (kinds={kinds})")
     comps = sizes[comp_axes[0]] if comp_axes else 1
     cols, rows = sizes[dom_axes[0]], sizes[dom_axes[1]]
     n = sizes[list_axes[0]] if list_axes else 1
     shape = (n, rows, cols) + ((comps,) if comps > 1 else ())
     nbytes = int(np.prod(shape)) * dtype.itemsize
+    file_shape = (rows, cols, n) if list_first else shape
     encoding = fields.get("encoding", "raw").lower()
     src, offset = path, data_offset
     if "data file" in fields or "datafile" in fields:
@@ -581,7 +586,7 @@ def _read_nrrd(path: Path) -> SequenceFile:
     if encoding == "raw":
         if src.stat().st_size - offset < nbytes:
             raise SequenceFormatError(f"{where}: pixel data is truncated")
-        frames = np.memmap(src, dtype=dtype, mode="r", offset=offset, shape=shape)
+        frames = np.memmap(src, dtype=dtype, mode="r", offset=offset, shape=file_shape)
     elif encoding in ("gz", "gzip"):
         with src.open("rb") as f:
             f.seek(offset)
@@ -591,9 +596,11 @@ def _read_nrrd(path: Path) -> SequenceFile:
                 raise SequenceFormatError(f"{where}: gzip pixel data is corrupt ({exc})") from exc
         if len(raw) != nbytes:
             raise SequenceFormatError(f"{where}: pixel data has {len(raw)} bytes, expected {nbytes}")
-        frames = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        frames = np.frombuffer(raw, dtype=dtype).reshape(file_shape)
     else:
         raise SequenceFormatError(f"{where}: unsupported NRRD encoding {encoding!r}")
+    if list_first:
+        frames = np.ascontiguousarray(np.moveaxis(frames, 2, 0))  # one copy: frames become contiguous
     if not dtype.isnative:
         frames = frames.astype(dtype.newbyteorder("="))
     spacing = [1.0, 1.0]
@@ -614,7 +621,8 @@ def _read_nrrd(path: Path) -> SequenceFile:
         if per.add(key, value):
             continue
         m = _SEQ_AXIS.match(key)
-        if m and list_axes and int(m.group(1)) == list_axes[0]:
+        # Slicer numbers the list axis without counting the component axis ("axis 3" for RGB too).
+        if m and list_axes and int(m.group(1)) in (list_axes[0], list_axes[0] - len(comp_axes)):
             if m.group(2) == "index values":
                 try:
                     list_values = [float(v) for v in value.split()]
@@ -673,12 +681,13 @@ def _write_nrrd(seq: SequenceFile, path: Path, compress: bool, slicer: bool) -> 
         "space origin: (0,0,0)" if slicer else "space origin: (0,0)",
     ]
     if slicer:
-        ax = len(sizes) - 1
+        # Current Slicer layout: list axis last, named "axis 3" whether or not there is a component axis.
+        blanks = ['""'] * (len(sizes) - 1)
         lines += [
-            f"axis {ax} index type:=numeric",
-            f"axis {ax} index values:={' '.join(repr(float(t)) for t in seq.timestamps)}",
-            f"axis {ax} quantity:=time",
-            f"axis {ax} unit:=s",
+            "labels: " + " ".join([*blanks, '"time"']),
+            "units: " + " ".join([*blanks, '"s"']),
+            "axis 3 index type:=numeric",
+            f"axis 3 index values:={' '.join(repr(float(t)) for t in seq.timestamps)}",
             f"DataNodeClassName:={'vtkMRMLVectorVolumeNode' if c > 1 else 'vtkMRMLScalarVolumeNode'}",
         ]
     for k, v in seq.metadata.items():

@@ -208,3 +208,37 @@ def test_seq_bad_files_raise_clear_errors(tmp_path: Path) -> None:
     trunc.write_bytes(good.read_bytes()[:-200])
     with pytest.raises(SequenceFormatError):
         read_sequence(trunc)
+
+
+def test_seq_reads_older_slicer_list_first_layout(tmp_path: Path) -> None:
+    """Slicer before 5.x wrote ``kinds: list domain domain domain`` (frame index fastest, "axis 0")."""
+    nrrd = pytest.importorskip("nrrd")
+    src = _synthetic(n=4)
+    data = np.ascontiguousarray(np.moveaxis(src.frames, 0, 2))[..., np.newaxis, :]  # (rows, cols, 1, N)
+    path = tmp_path / "old.seq.nrrd"
+    header = {
+        "kinds": ["list", "domain", "domain", "domain"],
+        "space": "right-anterior-superior",
+        "space directions": [[np.nan] * 3, [0.25, 0, 0], [0, 0.3, 0], [0, 0, 1]],
+        "encoding": "gzip",
+        "axis 0 index type": "numeric",
+        "axis 0 index values": " ".join(repr(float(t)) for t in src.timestamps),
+        "DataNodeClassName": "vtkMRMLScalarVolumeNode",
+    }
+    # pynrrd with index_order="C" writes the last numpy axis as the fastest NRRD axis.
+    nrrd.write(
+        str(path),
+        np.transpose(data, (2, 0, 1, 3)),
+        header,
+        index_order="C",
+        custom_field_map={
+            "axis 0 index type": "string",
+            "axis 0 index values": "string",
+            "DataNodeClassName": "string",
+        },
+    )
+    back = read_sequence(path)
+    assert back.frames.shape == src.frames.shape
+    np.testing.assert_array_equal(back.frames, src.frames)
+    np.testing.assert_array_equal(back.timestamps, src.timestamps)
+    assert back.spacing == (0.25, 0.3)

@@ -1,0 +1,131 @@
+"""``guidance archive`` / ``export_dicom`` on a real recording file (MCAP written by RecordingWriter)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from guidance.cli import main
+from guidance.dicom.export import export_dicom
+from guidance.dicom.from_recording import LABELS_ENCODING
+from guidance.dicom.study import new_uid
+from streaming.igtl import encode_image
+from streaming.igtl.wire import RawMessage
+from streaming.recording import RecordingWriter
+
+N, SHAPE = 9, (40, 56)
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, str]:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (N, *SHAPE), dtype=np.uint8)
+    masks = np.zeros((N, *SHAPE), np.uint8)
+    for i in range(N):
+        masks[i, 4 + i : 8 + i, 5:30] = 1
+        masks[i, 20:30, 35:45] = 2
+    study_uid = new_uid()
+    meta = {"study": {"patient_name": "Rec^Patient", "patient_id": "REC-1", "study_instance_uid": study_uid}}
+    path = tmp_path / "session.mcap"
+    with RecordingWriter(path, meta) as w:
+        for i in range(N):
+            msg = encode_image(images[i], "Image", spacing_mm=(0.3, 0.3), timestamp_ns=1_700_000_000 * 10**9)
+            t = i * 33_333_333 + (i % 3) * 1_000_000
+            w.write_message(
+                RawMessage(bytes(msg[:58]), bytes(msg[58:]), 1_700_000_000 * 10**9 + t, 10**12 + t)
+            )
+            w.write_result(i, 10**12 + t, zlib.compress(masks[i].tobytes()), LABELS_ENCODING)
+    return path, images, masks, study_uid
+
+
+def test_dicom_export_recording(recording: Any, tmp_path: Path, dciodvfy: Any) -> None:
+    path, images, masks, study_uid = recording
+    out = tmp_path / "dicom"
+    files = export_dicom(path, out)
+    assert [p.name for p in files] == ["US_001_0001.dcm", "SEG_100_0001.dcm"]
+    assert sorted(out.iterdir()) == sorted(files)  # no temporary files left behind
+    for f in files:
+        assert dciodvfy(f) == []
+    us = pydicom.dcmread(files[0])
+    np.testing.assert_array_equal(us.pixel_array, images)
+    assert us.StudyInstanceUID == study_uid
+    assert float(us.SequenceOfUltrasoundRegions[0].PhysicalDeltaX) == pytest.approx(0.03)
+    seg = hd.seg.segread(files[1])
+    got = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=us.SOPInstanceUID,
+        source_frame_numbers=list(range(1, N + 1)),
+        combine_segments=True,
+    )
+    np.testing.assert_array_equal(got, masks)
+
+
+def test_dicom_cli_echo(
+    orthanc: Any, our_aet: str, pacs_aet: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["archive", "--echo", "--host", "127.0.0.1", "--port", str(orthanc.dicom_port), "--aet", our_aet]
+    assert main([*base, "--aec", pacs_aet]) == 0
+    assert main([*base, "--aec", "WRONG"]) == 1
+    assert "does not answer to AE title 'WRONG'" in capsys.readouterr().err
+
+
+def test_dicom_cli_archive_recording(  # noqa: PLR0917 - fixtures
+    orthanc: Any,
+    our_aet: str,
+    pacs_aet: str,
+    recording: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, _, _, study_uid = recording
+    args = [
+        "archive",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(orthanc.dicom_port),
+        "--aec",
+        pacs_aet,
+        "--aet",
+        our_aet,
+        "--spool",
+        str(tmp_path / "spool"),
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "all objects archived" in err
+    assert "Rec^Patient" not in err
+    assert "REC-1" not in err
+    assert len(orthanc.instance_uids(study_uid)) == 2
+
+
+def test_dicom_cli_archive_pacs_down_keeps_spool(
+    recording: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = recording[0]
+    args = [
+        "archive",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--aec",
+        "PACS",
+        "--spool",
+        str(tmp_path / "spool"),
+    ]
+    assert main(args) == 1
+    assert "kept in the spool" in capsys.readouterr().err
+    assert len(list((tmp_path / "spool" / "objects").iterdir())) == 2

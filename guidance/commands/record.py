@@ -122,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
             wait = 1.0 if end is None else min(1.0, end - time.monotonic())
             if wait <= 0:
                 break
-            done.wait(wait)  # progress tick on the main thread, not a hot path
+            try:
+                done.wait(wait)  # progress tick on the main thread, not a hot path
+            except KeyboardInterrupt:
+                break  # Ctrl+C is the normal way to end a recording: close the file, exit 0
             st = recorder.stats()
             _say(
                 f"\r{time.monotonic() - t0:7.1f} s  {st.written} messages  {st.bytes / 1e6:8.1f} MB  "

@@ -260,10 +260,23 @@ def test_rec_record_cli_survives_sigkill(tmp_path: Path) -> None:
     fps = 40
     with IGTLServer(name="guidance-test-server", send_queue=256) as server:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "guidance", "record", "--host", "127.0.0.1", "--port", str(server.port),
-             "--out", str(out)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "guidance",
+                "record",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(server.port),
+                "--out",
+                str(out),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert server.wait_for_clients(1, timeout=30), "recorder never connected"
             sent_at: list[float] = []
@@ -289,3 +302,60 @@ def test_rec_record_cli_survives_sigkill(tmp_path: Path) -> None:
     frames = list(r.frames())
     assert len(frames) >= must_have > 0
     assert [int(f.pixels[0, 0]) for f in frames] == [i % 256 for i in range(len(frames))]
+
+
+def test_rec_record_cli_reports_connection_failure(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = _run_cli(
+        "record", "--port", str(port), "--out", str(tmp_path / "x.mcap"), "--connect-timeout", "0.5"
+    )
+    assert res.returncode == 1
+    assert "cannot connect" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("guidance record: cannot connect")
+
+
+def test_rec_record_cli_duration_and_metadata(tmp_path: Path) -> None:
+    out = tmp_path / "d.mcap"
+    with IGTLServer(name="guidance-test-server", send_queue=64) as server:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "guidance",
+                "record",
+                "--port",
+                str(server.port),
+                "--out",
+                str(out),
+                "--duration",
+                "1",
+                "--meta",
+                "operator=tech1",
+                "--device",
+                "Image",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.wait_for_clients(1, timeout=30)
+            for i in range(5):
+                server.send(encode_image(np.full((8, 8), i, np.uint8), "Image"))
+                server.send(encode_image(np.full((8, 8), 99, np.uint8), "Other"))
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 0, err
+    r = RecordingReader(out)
+    assert r.complete
+    assert r.metadata["study"] == {"operator": "tech1"}
+    assert [int(f.pixels[0, 0]) for f in r.frames()] == [0, 1, 2, 3, 4]
+    assert "tech1" not in err  # study fields are stored, never printed

@@ -38,6 +38,7 @@ class StreamSettings:
     reconnect_initial_s: float = 0.25
     reconnect_max_s: float = 5.0
     max_body_mb: int = 64
+    send_results: bool = False  # send label map (IMAGE) and tip (POINT/TRANSFORM) back to the peer
 
 
 @dataclass(frozen=True, slots=True)

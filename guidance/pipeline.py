@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines.base import SegmentationEngine
@@ -56,6 +57,7 @@ class InferenceWorker:
         *,
         budget_ms: float,
         interpreter: Interpreter | None = None,
+        sinks: tuple[Callable[[GuidanceResult], None], ...] = (),
         name: str = "guidance-inference",
     ) -> None:
         self.engine = engine
@@ -65,6 +67,9 @@ class InferenceWorker:
         self.budget_ms = budget_ms
         self._interpreter = interpreter or Interpreter()
         self._name = name
+        # Called on the worker after each result is published (send back to Slicer, record...): they run
+        # after the display has the result, so they never delay it. Errors are logged and counted.
+        self.sinks = sinks
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._processed = 0
@@ -147,6 +152,13 @@ class InferenceWorker:
             )
             self._results.put(result)
             self._processed += 1
+            for sink in self.sinks:
+                try:
+                    sink(result)
+                except Exception as exc:  # a sink must not stop the AI
+                    self._errors += 1
+                    self._last_error = f"result sink failed: {exc}"
+                    logger.exception("Result sink %r failed", sink)
             self.rate.tick(times.published)
             rec("queue", t_start - frame.receive_ns)
             rec("infer", t_infer - t_start)

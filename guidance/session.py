@@ -18,6 +18,7 @@ from engines.base import SegmentationEngine
 from guidance.config import Settings
 from guidance.latency import LatencyMonitor, RateMeter
 from guidance.pipeline import LATENCY_NAMES, InferenceWorker, default_budget_ms
+from guidance.result_sender import ResultSender
 from guidance.results import GuidanceResult
 from guidance.simulator import SimulatedScanner
 from guidance.slots import LatestSlot
@@ -98,7 +99,6 @@ class LiveSession:
         self._engine = engine
         fps = s.simulator.fps if self.simulate else 30.0
         budget = s.engine.budget_ms or default_budget_ms(fps)
-        self.worker = InferenceWorker(engine, self.frames, self.results, self.monitor, budget_ms=budget)
         host, port = s.stream.host, s.stream.port
         if self.simulate:
             sim = s.simulator
@@ -121,6 +121,10 @@ class LiveSession:
             backoff_initial_s=s.stream.reconnect_initial_s,
             backoff_max_s=s.stream.reconnect_max_s,
             max_body_bytes=s.stream.max_body_mb * 1024 * 1024,
+        )
+        sinks = (ResultSender(self.client),) if s.stream.send_results else ()
+        self.worker = InferenceWorker(
+            engine, self.frames, self.results, self.monitor, budget_ms=budget, sinks=sinks
         )
         self.worker.start()
         self.client.start()
@@ -160,8 +164,10 @@ class LiveSession:
 
     def _on_state(self, event: ConnectionEvent) -> None:
         self._connection = event.state
-        if event.reason and event.state != "connected":
-            self._last_error = event.reason
+        if event.state == "disconnected" and event.reason:
+            self._last_error = f"connection lost: {event.reason}"
+        elif event.state == "connected":
+            self._last_error = ""
 
     # ------------------------------------------------------------------ for the painter (GUI thread)
     def latest_frame(self) -> Frame | None:

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from guidance.phantoms import PhantomFrame, make_phantom
+from guidance.phantoms import make_phantom
 from streaming.igtl import IGTLServer
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,9 @@ class SimulatorStats:
 
 class SimulatedScanner:
     """Generates phantom frames at a fixed rate and broadcasts them with an :class:`IGTLServer`.
+
+    Each IMAGE carries its phantom frame index in the ``FrameIndex`` metadata; phantoms are deterministic
+    with random access, so a receiver can regenerate the ground truth of any frame it got.
 
     Lifecycle: ``start()`` binds the server (``port`` is then known) and starts the pacing thread;
     ``stop()`` stops both within a bounded time. ``max_frames`` stops producing after that many frames.
@@ -58,9 +61,6 @@ class SimulatedScanner:
         self._sent = 0
         self._late = 0
         self._done = threading.Event()
-        self._last_truth: PhantomFrame | None = None
-        self._truth: dict[int, PhantomFrame] = {}
-        self.keep_truth = False  # tests and the bench keep ground truth per sent frame
 
     @property
     def port(self) -> int:
@@ -70,9 +70,6 @@ class SimulatedScanner:
     def done(self) -> threading.Event:
         """Set once ``max_frames`` frames have been sent."""
         return self._done
-
-    def ground_truth(self, index: int) -> PhantomFrame | None:
-        return self._truth.get(index)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -99,8 +96,9 @@ class SimulatedScanner:
     def _run(self) -> None:
         period = 1.0 / self.fps
         # Do not burn phantom frames before anyone listens: the first frame goes to the first client.
-        while self._wait_for_client and self._server.client_count == 0:
-            if self._stop.wait(0.01):
+        # (Bounded waits so stop() is honoured promptly; this is start-up, not the frame path.)
+        while self._wait_for_client and not self._server.wait_for_clients(1, timeout=0.1):
+            if self._stop.is_set():
                 return
         next_t = time.perf_counter()
         i = 0
@@ -109,8 +107,6 @@ class SimulatedScanner:
                 self._done.set()
                 return
             pf = self._phantom.frame(i)
-            if self.keep_truth:
-                self._truth[i] = pf
             meta = {"FrameIndex": str(i), "Modality": pf.modality.upper()}
             self._server.send_image(pf.image, DEVICE_NAME, spacing_mm=pf.spacing_mm, metadata=meta)
             self._sent += 1

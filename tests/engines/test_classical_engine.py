@@ -87,7 +87,7 @@ def test_classical_finds_hypoechoic_target() -> None:
 
 
 @pytest.mark.parametrize(
-    "dtype,shape",
+    ("dtype", "shape"),
     [(np.uint8, (256, 256)), (np.uint16, (300, 411)), (np.float32, (97, 130)), (np.float64, (600, 800))],
 )
 def test_classical_any_dtype_and_size(dtype: type, shape: tuple[int, int]) -> None:
@@ -102,7 +102,8 @@ def test_classical_any_dtype_and_size(dtype: type, shape: tuple[int, int]) -> No
     assert out.instrument_prob is not None
     assert out.instrument_prob.shape == shape
     assert out.instrument_prob.dtype == np.float32
-    assert float(out.instrument_prob.min()) >= 0.0 and float(out.instrument_prob.max()) <= 1.0
+    assert float(out.instrument_prob.min()) >= 0.0
+    assert float(out.instrument_prob.max()) <= 1.0
     assert 0.0 <= out.scores["instrument_present"] <= 1.0
 
 

@@ -1,0 +1,193 @@
+"""Interpreter on synthetic label maps with known geometry, and the one-euro tip filter."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.base import INSTRUMENT, TARGET
+from guidance.interpretation import Interpreter, OneEuroFilter, TipFilterParams
+from guidance.phantoms.base import fill_segment
+
+W, H = 256, 256
+
+
+def needle_labels(
+    entry: tuple[float, float], tip: tuple[float, float], width: float = 4.0, shape: tuple[int, int] = (H, W)
+) -> np.ndarray:
+    lab = np.zeros(shape, np.uint8)
+    fill_segment(lab, entry, tip, width, INSTRUMENT)
+    return lab
+
+
+def add_disk(lab: np.ndarray, c: tuple[float, float], r: float) -> None:
+    yy, xx = np.mgrid[0 : lab.shape[0], 0 : lab.shape[1]]
+    disk = np.hypot(xx - c[0], yy - c[1]) <= r
+    lab[disk & (lab == 0)] = TARGET
+
+
+@pytest.mark.parametrize(
+    ("entry", "tip"),
+    [((0.0, 40.0), (150.3, 120.7)), ((255.0, 10.0), (120.2, 190.6)), ((60.0, 0.0), (100.5, 160.2))],
+)
+def test_interp_tip_angle_entry(entry: tuple[float, float], tip: tuple[float, float]) -> None:
+    interp = Interpreter(tip_filter=None)
+    res = interp.update(needle_labels(entry, tip), (0.2, 0.2), 0.0)
+    inst = res.instrument
+    assert inst is not None
+    assert math.dist(inst.raw_tip_px, tip) <= 1.0
+    assert math.dist(inst.tip_px, tip) <= 1.0
+    assert math.dist(inst.entry_px, entry) <= 2.5
+    true_angle = math.degrees(math.atan2(tip[1] - entry[1], tip[0] - entry[0])) % 180.0
+    assert abs(inst.angle_deg - true_angle) <= 1.0
+    assert inst.direction[0] * (tip[0] - entry[0]) + inst.direction[1] * (tip[1] - entry[1]) > 0
+    assert inst.length_mm == pytest.approx(math.dist(entry, tip) * 0.2, abs=0.5)
+    assert inst.confidence > 0.8
+    assert inst.centerline_px.shape == (2, 2)
+    assert inst.centerline_px.dtype == np.float32
+    ex, ey = inst.trajectory_end_px
+    assert min(ex, ey, W - 1 - ex, H - 1 - ey) < 1e-3  # the projected path ends on the border
+    assert res.instrument_contours
+    assert all(c.dtype == np.float32 and c.shape[1] == 2 for c in res.instrument_contours)
+    assert res.status == "no target"
+
+
+def test_interp_distances_and_on_path_with_anisotropic_spacing() -> None:
+    entry, tip = (0.0, 30.0), (110.0, 100.0)
+    d = np.subtract(tip, entry) / math.dist(entry, tip)
+    centre = (tip[0] + 60 * d[0], tip[1] + 60 * d[1])
+    lab = needle_labels(entry, tip)
+    add_disk(lab, centre, 20.0)
+    spacing = (0.2, 0.3)
+    res = Interpreter(tip_filter=None).update(lab, spacing, 0.0)
+    assert res.instrument is not None
+    assert res.target is not None
+    assert math.dist(res.target.centroid_px, centre) < 0.2
+    expected = math.hypot((centre[0] - tip[0]) * spacing[0], (centre[1] - tip[1]) * spacing[1])
+    assert res.tip_to_target_mm == pytest.approx(expected, abs=0.1)
+    assert res.tip_to_boundary_mm is not None
+    assert 0.0 < res.tip_to_boundary_mm < expected
+    assert res.on_path is True
+    assert res.status == "ok"
+    assert res.target.area_mm2 == pytest.approx(math.pi * 20**2 * 0.06, rel=0.05)
+    assert res.target.equivalent_diameter_mm == pytest.approx(2 * math.sqrt(res.target.area_mm2 / math.pi))
+    assert res.target_contours
+
+    # target moved off the path: not on path; tip inside the target: negative boundary distance
+    lab2 = needle_labels(entry, tip)
+    add_disk(lab2, (centre[0] + 50 * d[1], centre[1] - 50 * d[0]), 15.0)
+    assert Interpreter(tip_filter=None).update(lab2, spacing, 0.0).on_path is False
+    lab3 = np.zeros_like(lab)
+    add_disk(lab3, tip, 25.0)
+    fill_segment(lab3, entry, tip, 4.0, INSTRUMENT)
+    res3 = Interpreter(tip_filter=None).update(lab3, spacing, 0.0)
+    assert res3.tip_to_boundary_mm is not None
+    assert res3.tip_to_boundary_mm < 0
+
+
+def test_interp_no_instrument_and_empty() -> None:
+    interp = Interpreter()
+    res = interp.update(np.zeros((H, W), np.uint8), (0.2, 0.2), 0.0)
+    assert res.instrument is None
+    assert res.status == "no instrument"
+    lab = np.zeros((H, W), np.uint8)
+    add_disk(lab, (100, 100), 10)
+    lab[5, 5] = INSTRUMENT  # a few stray pixels are no instrument
+    res = interp.update(lab, (0.2, 0.2), 0.1)
+    assert res.instrument is None
+    assert res.target is not None
+    assert res.status == "no instrument"
+
+
+def test_interp_confidence_falls_for_fragmented_masks() -> None:
+    entry, tip = (0.0, 40.0), (180.0, 150.0)
+    clean = needle_labels(entry, tip)
+    broken = clean.copy()
+    d = np.subtract(tip, entry) / math.dist(entry, tip)
+    for k in range(10, 200, 25):  # cut the shaft into pieces
+        p = (entry[0] + k * d[0], entry[1] + k * d[1])
+        cv2.circle(broken, (round(p[0]), round(p[1])), 8, 0, -1)
+    rng = np.random.default_rng(0)
+    noisy = clean.copy()
+    noisy[rng.uniform(size=clean.shape) < 0.01] = INSTRUMENT  # scattered false positives
+    c_clean = Interpreter(tip_filter=None).update(clean, (0.2, 0.2), 0.0).instrument
+    c_broken = Interpreter(tip_filter=None).update(broken, (0.2, 0.2), 0.0).instrument
+    c_noisy = Interpreter(tip_filter=None).update(noisy, (0.2, 0.2), 0.0).instrument
+    short = (
+        Interpreter(tip_filter=None)
+        .update(needle_labels(entry, (8.0, 45.0), 4.0), (0.2, 0.2), 0.0)
+        .instrument
+    )
+    assert c_clean is not None
+    assert c_broken is not None
+    assert c_noisy is not None
+    assert short is not None
+    assert c_clean.confidence > 0.8
+    assert c_broken.confidence < c_clean.confidence - 0.2
+    assert c_noisy.confidence < c_clean.confidence - 0.2
+    assert short.confidence < c_clean.confidence - 0.2
+    prob = np.full(clean.shape, 0.1, np.float32)
+    weak = Interpreter(tip_filter=None).update(clean, (0.2, 0.2), 0.0, prob).instrument
+    assert weak is not None
+    assert weak.confidence < 0.5
+    assert Interpreter(tip_filter=None, low_confidence=0.9).update(broken, (0.2, 0.2), 0.0).status == (
+        "low confidence"
+    )
+
+
+def test_interp_insertion_direction_stays_consistent() -> None:
+    interp = Interpreter(tip_filter=None)
+    # a shaft entering from the left edge: direction points right/down
+    first = interp.update(needle_labels((0.0, 60.0), (120.0, 130.0)), (0.2, 0.2), 0.0).instrument
+    assert first is not None
+    assert first.direction[0] > 0
+    # now a shaft fully inside the image, both ends equally far from the border: keep the direction
+    mid = interp.update(needle_labels((78.0, 98.0), (178.0, 158.0)), (0.2, 0.2), 0.033).instrument
+    assert mid is not None
+    assert mid.direction[0] > 0
+    assert math.dist(mid.raw_tip_px, (178.0, 158.0)) <= 1.0
+    # fresh interpreter, entry from the right: direction points left
+    right = Interpreter(tip_filter=None).update(needle_labels((255.0, 60.0), (130.0, 140.0)), (0.2, 0.2), 0.0)
+    assert right.instrument is not None
+    assert right.instrument.direction[0] < 0
+
+
+def test_interp_one_euro_steady_on_noise_and_follows_a_step() -> None:
+    f = OneEuroFilter(min_cutoff_hz=1.0, beta=0.05, d_cutoff_hz=1.0)
+    rng = np.random.default_rng(1)
+    raw, out = [], []
+    for i in range(120):
+        x = (100.0 + rng.normal(0, 1.0), 50.0 + rng.normal(0, 1.0))
+        raw.append(x)
+        out.append(f(i / 30.0, x))
+    raw_a, out_a = np.asarray(raw[30:]), np.asarray(out[30:])
+    assert out_a.std(axis=0).max() < 0.5 * raw_a.std(axis=0).min()
+    # a step of 20 px: followed within 1 px after half a second, and no overshoot
+    for i in range(120, 135):
+        y = f(i / 30.0, (120.0, 50.0))
+        assert y[0] <= 120.0 + 1e-6
+    assert abs(y[0] - 120.0) < 1.0
+
+
+def test_interp_filtered_tip_tracks_advancing_needle() -> None:
+    interp = Interpreter(tip_filter=TipFilterParams())
+    rng = np.random.default_rng(2)
+    errs = []
+    for i in range(60):
+        depth = 40.0 + 1.5 * i  # 45 px/s
+        tip = (depth * math.cos(0.6), 20.0 + depth * math.sin(0.6))
+        jitter = tip[0] + rng.normal(0, 0.7), tip[1] + rng.normal(0, 0.7)
+        res = interp.update(needle_labels((0.0, 20.0), jitter), (0.2, 0.2), i / 30.0)
+        assert res.instrument is not None
+        if i > 15:
+            errs.append(math.dist(res.instrument.tip_px, tip))
+    assert float(np.mean(errs)) < 2.5  # little lag while it moves
+    # after the needle disappears for a while the filter restarts on the new position
+    interp.update(np.zeros((H, W), np.uint8), (0.2, 0.2), 3.0)
+    res = interp.update(needle_labels((0.0, 200.0), (60.0, 220.0)), (0.2, 0.2), 4.0)
+    assert res.instrument is not None
+    assert math.dist(res.instrument.tip_px, (60.0, 220.0)) <= 1.0
+    interp.reset()

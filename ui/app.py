@@ -7,10 +7,19 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QCoreApplication, QEvent, QEventLoop, QTimer
+from PySide6.QtCore import (
+    QCoreApplication,
+    QEvent,
+    QEventLoop,
+    QMessageLogContext,
+    QTimer,
+    QtMsgType,
+    qInstallMessageHandler,
+)
 from PySide6.QtWidgets import QApplication
 
 from guidance.logs import install_thread_excepthook
@@ -39,6 +48,36 @@ def ensure_application() -> QApplication:
     return app
 
 
+#: Qt messages that carry no information for this app (the offscreen platform used for screenshots and CI
+#: cannot resize a window to its size hints and says so on every layout change).
+_QT_NOISE = ("This plugin does not support propagateSizeHints()",)
+
+_QT_LEVELS = {
+    QtMsgType.QtDebugMsg: logging.DEBUG,
+    QtMsgType.QtInfoMsg: logging.INFO,
+    QtMsgType.QtWarningMsg: logging.WARNING,
+    QtMsgType.QtCriticalMsg: logging.ERROR,
+    QtMsgType.QtFatalMsg: logging.CRITICAL,
+}
+_qt_logger = logging.getLogger("ui.qt")
+
+
+class _QtMessages:
+    """Qt's own messages: known noise goes to DEBUG; the rest to the handler that was there before (e.g.
+    pytest-qt's, which fails tests on warnings) or, when there was none, to Python logging."""
+
+    def __init__(self) -> None:
+        self.previous: Callable[[QtMsgType, QMessageLogContext, str], object] | None = None
+
+    def __call__(self, mode: QtMsgType, context: QMessageLogContext, message: str) -> None:
+        if message in _QT_NOISE:
+            _qt_logger.debug("%s", message)
+        elif self.previous is not None:
+            self.previous(mode, context, message)
+        else:
+            _qt_logger.log(_QT_LEVELS.get(mode, logging.WARNING), "%s", message)
+
+
 class _ErrorHooks:
     """Route uncaught exceptions (GUI thread and worker threads) to the log and the window's status bar;
     restores the previous hooks on :meth:`uninstall`."""
@@ -47,14 +86,21 @@ class _ErrorHooks:
         self._window = window
         self._old_sys = sys.excepthook
         self._old_threading = threading.excepthook
+        self._qt = _QtMessages()
+        self._qt_installed = False
 
-    def install(self) -> None:
+    def install(self, *, qt_messages: bool = True) -> None:
         sys.excepthook = self._sys_hook
         install_thread_excepthook(self._window.report_error)
+        self._qt_installed = qt_messages
+        if qt_messages:
+            self._qt.previous = qInstallMessageHandler(self._qt)
 
     def uninstall(self) -> None:
         sys.excepthook = self._old_sys
         threading.excepthook = self._old_threading
+        if self._qt_installed:
+            qInstallMessageHandler(self._qt.previous)
 
     def _sys_hook(self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         logger.error("Uncaught error: %s", "".join(traceback.format_exception(exc_type, exc, tb)).rstrip())

@@ -170,6 +170,9 @@ class _Pens:
         self.centerline = {False: _pen(c.tip, 1.5), True: _pen(c.stale, 1.5, dash)}
         self.trajectory = {False: _pen(c.tip, 2.0, dash), True: _pen(c.stale, 2.0, dot)}
         self.marker_outline = _pen("#000000", 2.0)
+        # A dark halo under every line keeps it visible on bright echoes (a needle shaft is near white).
+        self.halo = _pen("#000000", 5.0)
+        self.halo.setColor(QColor(0, 0, 0, 150))
         self.tip_brush = {False: pg.mkBrush(QColor(c.tip)), True: pg.mkBrush(QColor(c.stale))}
         self.centroid_brush = {False: pg.mkBrush(QColor(c.target)), True: pg.mkBrush(QColor(c.stale))}
 
@@ -198,17 +201,22 @@ class ImageView(pg.GraphicsLayoutWidget):  # type: ignore[misc]
         self.overlay.setZValue(10)
         self.view.addItem(self.overlay, ignoreBounds=True)
 
-        self.instrument_curve = pg.PlotCurveItem(connect="finite", pen=self._pens.instrument[False])
-        self.target_curve = pg.PlotCurveItem(connect="finite", pen=self._pens.target[False])
-        self.centerline_curve = pg.PlotCurveItem(pen=self._pens.centerline[False])
-        self.trajectory_curve = pg.PlotCurveItem(pen=self._pens.trajectory[False])
+        halo = self._pens.halo
+        self.instrument_curve = pg.PlotCurveItem(
+            connect="finite", pen=self._pens.instrument[False], shadowPen=halo
+        )
+        self.target_curve = pg.PlotCurveItem(connect="finite", pen=self._pens.target[False], shadowPen=halo)
+        self.centerline_curve = pg.PlotCurveItem(pen=self._pens.centerline[False], shadowPen=halo)
+        self.trajectory_curve = pg.PlotCurveItem(pen=self._pens.trajectory[False], shadowPen=halo)
         self.centroid_marker = pg.ScatterPlotItem(
             size=22, symbol="+", pen=self._pens.marker_outline, brush=self._pens.centroid_brush[False]
         )
         self.tip_marker = pg.ScatterPlotItem(
             size=16, symbol="o", pen=self._pens.marker_outline, brush=self._pens.tip_brush[False]
         )
-        self.readout = pg.TextItem("", color=theme.COLOURS.tip, anchor=(-0.15, 1.1))
+        self.readout = pg.TextItem(
+            "", color=theme.COLOURS.tip, anchor=(-0.12, 1.15), fill=pg.mkBrush(QColor(11, 13, 16, 190))
+        )
         self.readout.setFont(_readout_font())
         for z, item in enumerate(
             (

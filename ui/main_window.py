@@ -148,7 +148,10 @@ class MainWindow(QMainWindow):
         lay.addWidget(self.path_label)
         self.detail_label = QLabel(" ")
         self.detail_label.setObjectName("detail")
-        self.detail_label.setWordWrap(True)
+        self.detail_label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.detail_label.ensurePolished()
+        # Room for the three detail lines up front: the card never re-flows while the numbers change.
+        self.detail_label.setFixedHeight(3 * self.detail_label.fontMetrics().lineSpacing() + 4)
         lay.addWidget(self.detail_label)
         col.addWidget(card)
 

@@ -37,7 +37,7 @@ POLICY = "lossless-then-drop-newest"
 class RecorderStats:
     """Counters of a :class:`Recorder` (a snapshot)."""
 
-    written: int  # OpenIGTLink messages written to the file
+    written: int  # handed to the container: on disk within 0.5 s (a write error loses the open chunk)
     dropped: int  # messages/results refused (backlog full, or after a write error)
     bytes: int  # payload bytes written
     errors: int  # write errors (0 or 1: the recorder stops writing after the first)
@@ -81,12 +81,14 @@ class Recorder:
         *,
         max_backlog_mb: float = 256.0,
         compression: str = "none",
+        chunk_size: int = 4 * 1024 * 1024,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self._metadata = dict(metadata or {})
         self._max_backlog = int(max_backlog_mb * 1024 * 1024)
         self._compression = compression
+        self._chunk_size = chunk_size
         self._on_error = on_error
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[tuple[_Item, int]] = deque()
@@ -109,7 +111,9 @@ class Recorder:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("Recorder already started")
-        writer = RecordingWriter(self.path, self._metadata, compression=self._compression)
+        writer = RecordingWriter(
+            self.path, self._metadata, compression=self._compression, chunk_size=self._chunk_size
+        )
         writer.open()  # errors surface here, on the caller's thread
         self._writer = writer
         self._thread = threading.Thread(target=self._run, name="guidance-recorder", daemon=True)

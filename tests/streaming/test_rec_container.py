@@ -359,3 +359,40 @@ def test_rec_record_cli_duration_and_metadata(tmp_path: Path) -> None:
     assert r.metadata["study"] == {"operator": "tech1"}
     assert [int(f.pixels[0, 0]) for f in r.frames()] == [0, 1, 2, 3, 4]
     assert "tech1" not in err  # study fields are stored, never printed
+
+
+_RECORDER_FSIZE_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import numpy as np
+    from guidance.recorder import Recorder
+    from streaming.igtl import encode_image
+    from streaming.igtl.wire import RawMessage
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+    errors = []
+    rec = Recorder(sys.argv[1], {"k": "v"}, chunk_size=30_000, on_error=errors.append)
+    rec.start()
+    m = encode_image(np.zeros((100, 100), np.uint8), "Image")
+    raw = RawMessage(bytes(m[:58]), bytes(m[58:]), 0, 0)
+    for i in range(100):
+        rec.submit(raw)
+    st = rec.stop()
+    print(st.errors, len(errors), st.written + st.dropped, int(rec.submit(raw)), st.error is not None)
+    """
+)
+
+
+def test_rec_recorder_surfaces_write_errors(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _RECORDER_FSIZE_CHILD, str(tmp_path / "f.mcap")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=True,
+    ).stdout.split()
+    errors, callbacks, accounted, accepted_after, has_reason = out
+    assert (errors, callbacks, accepted_after, has_reason) == ("1", "1", "0", "True")
+    assert accounted == "100"  # every submitted message is either written or counted as dropped
+    assert RecordingReader(tmp_path / "f.mcap").message_count > 0

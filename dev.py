@@ -36,7 +36,7 @@ def _sh(*cmd: str | os.PathLike[str], check: bool = True, env: dict[str, str] | 
 
 
 def ensure_venv(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs before we know the interpreter is new enough
         sys.exit(f"Python 3.11 or newer is needed (this is {sys.version.split()[0]})")
     if not PY.exists():
         print(f"Creating virtual environment in {VENV}", flush=True)

@@ -60,7 +60,7 @@ def backends() -> list[BackendStatus]:
     for spec in sorted(_REGISTRY.values(), key=lambda s: -s.priority):
         try:
             reason = spec.probe()
-        except Exception as exc:  # a probe must never take the app down
+        except Exception as exc:  # noqa: BLE001 - a probe must never take the app down
             reason = f"probe failed: {exc}"
         out.append(BackendStatus(spec.name, reason is None, reason or "", spec.description, spec.priority))
     return out

@@ -52,7 +52,9 @@ class SlowedEngine:
 
     def describe(self) -> EngineInfo:
         d = self.inner.describe()
-        return EngineInfo(d.backend, d.device, d.precision, d.input_size, f"{d.model} (+{self.delay_s * 1e3:g} ms)")
+        return EngineInfo(
+            d.backend, d.device, d.precision, d.input_size, f"{d.model} (+{self.delay_s * 1e3:g} ms)"
+        )
 
     def close(self) -> None:
         self.inner.close()
@@ -76,7 +78,9 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> di
     base = load_settings()
     settings: Settings = replace(
         base,
-        simulator=SimulatorSettings(modality=cfg.modality, fps=cfg.fps, width=cfg.width, height=cfg.height, seed=cfg.seed),
+        simulator=SimulatorSettings(
+            modality=cfg.modality, fps=cfg.fps, width=cfg.width, height=cfg.height, seed=cfg.seed
+        ),
         engine=EngineSettings(backend=cfg.backend, model=cfg.model, budget_ms=cfg.budget_ms),
     )
     engine: SegmentationEngine | None = None

@@ -49,6 +49,8 @@ class EngineSettings:
     model: str = ""  # empty: the shipped default model
     budget_ms: float = 0.0  # 0: one frame interval of the source
     synchronised: bool = False  # paint each frame only with its own result
+    # Backends to step down to, in order, when the engine keeps missing the budget ("" disables).
+    step_down: str = "classical"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,4 +199,3 @@ def save_settings(settings: Settings, path: Path | None = None) -> Path:
 def replace(settings: Settings, **sections: Any) -> Settings:
     """Return a copy with whole sections (or ``schema_version``) replaced."""
     return dataclasses.replace(settings, **sections)
-

@@ -47,6 +47,6 @@ def load_frontend(name: str = "qt") -> Frontend:
             "install the project with `pip install -e .` so the ui package registers itself"
         )
     try:
-        return cast(Frontend, matches[0].load())
+        return cast("Frontend", matches[0].load())
     except ImportError as exc:
         raise FrontendUnavailable(f"the '{name}' front end failed to import: {exc}") from exc

@@ -82,7 +82,11 @@ class LatencyHistogram:
     def record_ns(self, value_ns: int) -> None:
         """Record one duration in nanoseconds (negative values are clamped to 0)."""
         v = max(int(value_ns), 0)
-        idx = 0 if v <= self._MIN_NS else min(int(math.log(v / self._MIN_NS) / self._BASE) + 1, self._NBUCKETS - 1)
+        idx = (
+            0
+            if v <= self._MIN_NS
+            else min(int(math.log(v / self._MIN_NS) / self._BASE) + 1, self._NBUCKETS - 1)
+        )
         with self._lock:
             self._counts[idx] += 1
             if self._n == 0 or v < self._min:

@@ -34,4 +34,3 @@ def install_thread_excepthook(report: ErrorSink | None = None) -> None:
             report(f"{args.thread.name if args.thread else 'worker'}: {args.exc_value}")
 
     threading.excepthook = hook
-

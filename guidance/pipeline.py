@@ -43,10 +43,28 @@ class WorkerCounters:
     over_budget: int  # results whose receive->result exceeded the budget
     errors: int
     last_error: str
+    engine_changes: tuple[str, ...]  # human-readable log of step-downs and swaps
+
+
+@dataclass(frozen=True, slots=True)
+class StepDownPolicy:
+    """When to give up on the current engine for the next (faster) fallback.
+
+    Decided on processing time (inference + interpretation), not on receive->result: the time a frame
+    waits in the slot depends on when it arrived relative to the worker, not on the engine.
+    """
+
+    window: int = 15  # results considered
+    over_fraction: float = 0.8  # step down when this fraction of the window ran over budget
 
 
 class InferenceWorker:
-    """Single consumer of ``frames``; publishes :class:`GuidanceResult` into ``results``."""
+    """Single consumer of ``frames``; publishes :class:`GuidanceResult` into ``results``.
+
+    Owns its engines: the current one, the fallbacks it may step down to when the current one keeps
+    missing the budget, and any engine handed over with :meth:`swap_engine` (e.g. a TensorRT engine that
+    finished building in the background while the CPU engine kept serving). It closes them on ``stop``.
+    """
 
     def __init__(
         self,
@@ -58,9 +76,18 @@ class InferenceWorker:
         budget_ms: float,
         interpreter: Interpreter | None = None,
         sinks: tuple[Callable[[GuidanceResult], None], ...] = (),
+        fallbacks: tuple[SegmentationEngine, ...] = (),
+        step_down: StepDownPolicy | None = StepDownPolicy(),
         name: str = "guidance-inference",
     ) -> None:
         self.engine = engine
+        self._fallbacks = list(fallbacks)
+        self._policy = step_down
+        self._recent_over: list[bool] = []
+        self._pending: SegmentationEngine | None = None
+        self._swap_lock = threading.Lock()
+        self._retired: list[SegmentationEngine] = []
+        self._changes: list[str] = []
         self._frames = frames
         self._results = results
         self._monitor = monitor
@@ -101,11 +128,61 @@ class InferenceWorker:
             if self._thread.is_alive():
                 logger.error("inference worker did not stop within %.1f s (engine stuck?)", timeout)
             self._thread = None
+        for engine in (
+            self.engine,
+            *self._fallbacks,
+            *self._retired,
+            *([self._pending] if self._pending else []),
+        ):
+            try:
+                engine.close()
+            except Exception:  # closing must not hide the others
+                logger.exception("Closing engine %s failed", engine.name)
+        self._fallbacks.clear()
+        self._retired.clear()
+        self._pending = None
+
+    def swap_engine(self, engine: SegmentationEngine, reason: str) -> None:
+        """Hand over a loaded, warmed-up engine; the worker switches before its next inference."""
+        with self._swap_lock:
+            if self._pending is not None:
+                self._retired.append(self._pending)
+            self._pending = engine
+        self._changes.append(f"switching to {engine.describe().label()}: {reason}")
+        logger.info("Engine swap requested: %s (%s)", engine.describe().label(), reason)
 
     def counters(self) -> WorkerCounters:
         return WorkerCounters(
-            self._processed, self._frames.dropped, self._over_budget, self._errors, self._last_error
+            self._processed,
+            self._frames.dropped,
+            self._over_budget,
+            self._errors,
+            self._last_error,
+            tuple(self._changes),
         )
+
+    def _use(self, engine: SegmentationEngine) -> None:
+        self._retired.append(self.engine)
+        self.engine = engine
+        self._engine_label = engine.describe().label()
+        self._recent_over.clear()
+
+    def _maybe_step_down(self, processing_ms: float) -> None:
+        policy = self._policy
+        if policy is None or not self._fallbacks:
+            return
+        self._recent_over.append(processing_ms > self.budget_ms)
+        if len(self._recent_over) > policy.window:
+            del self._recent_over[0]
+        if (
+            len(self._recent_over) == policy.window
+            and sum(self._recent_over) >= policy.over_fraction * policy.window
+        ):
+            old = self._engine_label
+            self._use(self._fallbacks.pop(0))
+            msg = f"stepped down from {old} to {self._engine_label}: over the {self.budget_ms:.1f} ms budget"
+            self._changes.append(msg)
+            logger.warning("%s", msg)
 
     def _run(self) -> None:
         rec = self._monitor.record_ns
@@ -116,6 +193,11 @@ class InferenceWorker:
                 return
             if frame is None:  # pragma: no cover - take() without timeout never returns None
                 continue
+            if self._pending is not None:  # unlocked read of one reference: cheap, and rarely true
+                with self._swap_lock:
+                    pending, self._pending = self._pending, None
+                if pending is not None:
+                    self._use(pending)
             dropped = self._frames.dropped
             skipped, self._last_dropped = dropped - self._last_dropped, dropped
             t_start = time.perf_counter_ns()
@@ -152,6 +234,7 @@ class InferenceWorker:
             )
             self._results.put(result)
             self._processed += 1
+            self._maybe_step_down((t_interp - t_start) / 1e6)
             for sink in self.sinks:
                 try:
                     sink(result)
@@ -167,7 +250,10 @@ class InferenceWorker:
             if frame.sender_time_ns:
                 # Same-host wall clocks: the result's wall time is its receive wall time plus the monotonic
                 # interval, so one time.time_ns() call per frame is enough and immune to NTP steps mid-frame.
-                rec("sent_to_result", frame.receive_wall_ns - frame.sender_time_ns + times.published - frame.receive_ns)
+                rec(
+                    "sent_to_result",
+                    frame.receive_wall_ns - frame.sender_time_ns + times.published - frame.receive_ns,
+                )
 
 
 def default_budget_ms(fps: float) -> float:

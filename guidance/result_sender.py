@@ -62,20 +62,32 @@ class ResultSender:
         ok = True
         if self._send_labels:
             ok &= self._client.send(
-                encode_image(result.labels, LABELS_DEVICE, matrix=f.image_to_reference, timestamp_ns=ts, metadata=meta)
+                encode_image(
+                    result.labels, LABELS_DEVICE, matrix=f.image_to_reference, timestamp_ns=ts, metadata=meta
+                )
             )
         inst = result.interpretation.instrument
         if self._send_tip and inst is not None:
             tip = pixel_to_reference(result, *inst.tip_px)
             ok &= self._client.send(
                 encode_point(
-                    [PointItem("tip", (float(tip[0]), float(tip[1]), float(tip[2])), group="Guidance", diameter=2.0)],
+                    [
+                        PointItem(
+                            "tip",
+                            (float(tip[0]), float(tip[1]), float(tip[2])),
+                            group="Guidance",
+                            diameter=2.0,
+                        )
+                    ],
                     TIP_DEVICE,
                     timestamp_ns=ts,
                     metadata=meta,
                 )
             )
-            axis = f.image_to_reference[:3, 0] * inst.direction[0] + f.image_to_reference[:3, 1] * inst.direction[1]
+            axis = (
+                f.image_to_reference[:3, 0] * inst.direction[0]
+                + f.image_to_reference[:3, 1] * inst.direction[1]
+            )
             norm = float(np.linalg.norm(axis))
             t = np.eye(4)
             if norm > 0:

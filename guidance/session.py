@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from engines import registry
-from engines.base import SegmentationEngine
+from engines.base import EngineError, SegmentationEngine
 from guidance.config import Settings
 from guidance.latency import LatencyMonitor, RateMeter
 from guidance.pipeline import LATENCY_NAMES, InferenceWorker, default_budget_ms
@@ -45,6 +45,7 @@ class PipelineStats:
     connection: str
     last_error: str
     source: str
+    engine_changes: tuple[str, ...] = ()
     latency: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     last_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -124,12 +125,36 @@ class LiveSession:
         )
         sinks = (ResultSender(self.client),) if s.stream.send_results else ()
         self.worker = InferenceWorker(
-            engine, self.frames, self.results, self.monitor, budget_ms=budget, sinks=sinks
+            engine,
+            self.frames,
+            self.results,
+            self.monitor,
+            budget_ms=budget,
+            sinks=sinks,
+            fallbacks=self._fallbacks(engine),
         )
         self.worker.start()
         self.client.start()
         self._started = True
-        logger.info("Session started: %s, engine %s, budget %.1f ms", self.source, self.worker.engine_label, budget)
+        logger.info(
+            "Session started: %s, engine %s, budget %.1f ms", self.source, self.worker.engine_label, budget
+        )
+
+    def _fallbacks(self, primary: SegmentationEngine) -> tuple[SegmentationEngine, ...]:
+        """Load the step-down engines named in the settings (skipping the primary's own backend)."""
+        out = []
+        for name in (n.strip() for n in self.settings.engine.step_down.split(",")):
+            if not name or name == primary.describe().backend:
+                continue
+            try:
+                fb = registry.create(name)
+                fb.load()
+                fb.warm_up()
+            except EngineError as exc:
+                logger.warning("Step-down engine %s unavailable: %s", name, exc)
+                continue
+            out.append(fb)
+        return tuple(out)
 
     def stop(self) -> None:
         if not self._started:
@@ -139,8 +164,8 @@ class LiveSession:
         if self.simulator is not None:
             self.simulator.stop()
         if self.worker is not None:
-            self.worker.stop()
-        if self._engine is not None:
+            self.worker.stop()  # closes the engines it owns
+        elif self._engine is not None:
             self._engine.close()
         self._started = False
         self._connection = "stopped"
@@ -233,6 +258,7 @@ class LiveSession:
             connection=self._connection,
             last_error=(c.last_error if c and c.last_error else "") or self._last_error or client_err,
             source=self.source,
+            engine_changes=c.engine_changes if c else (),
             latency=MappingProxyType({k: MappingProxyType(v) for k, v in summary.items()}),
             last_ms=MappingProxyType(last),
         )

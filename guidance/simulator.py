@@ -74,7 +74,9 @@ class SimulatedScanner:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("simulator already started")
-        self._phantom = make_phantom(self.modality, seed=self._seed, width=self._size[0], height=self._size[1], fps=self.fps)
+        self._phantom = make_phantom(
+            self.modality, seed=self._seed, width=self._size[0], height=self._size[1], fps=self.fps
+        )
         self._server.start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="guidance-simulator", daemon=True)

@@ -26,7 +26,7 @@ class LatestSlot(Generic[T]):
     the same frame until a newer one arrives).
     """
 
-    __slots__ = ("_cond", "_closed", "_dropped", "_item", "_put_count", "_taken")
+    __slots__ = ("_closed", "_cond", "_dropped", "_item", "_put_count", "_taken")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())

@@ -60,7 +60,9 @@ class Frame:
 
     def __post_init__(self) -> None:
         if self.pixels.ndim not in (2, 3):
-            raise ValueError(f"Frame pixels must be 2-D or 3-D (rows, cols[, components]), got {self.pixels.shape}")
+            raise ValueError(
+                f"Frame pixels must be 2-D or 3-D (rows, cols[, components]), got {self.pixels.shape}"
+            )
         object.__setattr__(self, "pixels", _readonly(self.pixels))
         m = np.asarray(self.image_to_reference, dtype=np.float64)
         if m.shape != (4, 4):

@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--engine", default="auto")
     p.add_argument("--model", default="")
     p.add_argument("--budget-ms", type=float, default=0.0, help="latency budget (default one frame interval)")
-    p.add_argument("--slow-ms", type=float, default=0.0, help="add this delay to every inference (budget test)")
+    p.add_argument(
+        "--slow-ms", type=float, default=0.0, help="add this delay to every inference (budget test)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.set_defaults(func=run_pipeline)
 

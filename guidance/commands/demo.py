@@ -14,15 +14,21 @@ from guidance.session import LiveSession
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="open the app on the built-in simulated scanner")
-    demo.add_argument("--modality", choices=("us", "fluoro"), default=None, help="phantom modality (default us)")
+    demo.add_argument(
+        "--modality", choices=("us", "fluoro"), default=None, help="phantom modality (default us)"
+    )
     demo.add_argument("--fps", type=float, default=None, help="simulated frame rate (default 30)")
     demo.add_argument("--size", default=None, metavar="WxH", help="simulated image size (default 256x256)")
     demo.add_argument("--seed", type=int, default=None)
     _common(demo)
     demo.set_defaults(func=run_demo)
 
-    live = sub.add_parser("live", help="open the app on a live OpenIGTLink source (PlusServer, scanner, replay)")
-    live.add_argument("--host", default=None, help="OpenIGTLink server host (default from settings, 127.0.0.1)")
+    live = sub.add_parser(
+        "live", help="open the app on a live OpenIGTLink source (PlusServer, scanner, replay)"
+    )
+    live.add_argument(
+        "--host", default=None, help="OpenIGTLink server host (default from settings, 127.0.0.1)"
+    )
     live.add_argument("--port", type=int, default=None, help="OpenIGTLink server port (default 18944)")
     live.add_argument("--device", default=None, help="only accept IMAGE messages from this device name")
     _common(live)
@@ -30,9 +36,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default=None, help="engine backend: auto, onnxruntime, torch, tensorrt, classical")
+    p.add_argument(
+        "--engine", default=None, help="engine backend: auto, onnxruntime, torch, tensorrt, classical"
+    )
     p.add_argument("--model", default=None, help="model ONNX path (default: the shipped model)")
-    p.add_argument("--budget-ms", type=float, default=None, help="latency budget (default one frame interval)")
+    p.add_argument(
+        "--budget-ms", type=float, default=None, help="latency budget (default one frame interval)"
+    )
     p.add_argument("--frames", type=int, default=None, help="quit after N painted frames")
     p.add_argument("--screenshot", type=Path, default=None, help="save a PNG of the window before quitting")
     p.add_argument("--fullscreen", action="store_true")

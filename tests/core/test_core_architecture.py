@@ -28,7 +28,9 @@ def test_core_imports_without_qt() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "pipeline", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["demo", "--help"], ["bench", "pipeline", "--help"], ["--version"]]
+)
 def test_cli_entry_points_answer(argv: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "guidance", *argv], cwd=REPO, capture_output=True, text=True, check=False

@@ -5,14 +5,23 @@ from pathlib import Path
 
 import pytest
 
-from guidance.config import SCHEMA_VERSION, Settings, SettingsError, load_settings, save_settings, settings_path
+from guidance.config import (
+    SCHEMA_VERSION,
+    Settings,
+    SettingsError,
+    load_settings,
+    save_settings,
+    settings_path,
+)
 
 
 def test_defaults_and_isolation(tmp_path: Path) -> None:
     s = load_settings()
     assert s == Settings()
     # the autouse fixture points the config folder away from the user's home
-    assert "guidance" not in str(settings_path().parent.parent) or str(tmp_path.parent) in str(settings_path())
+    assert "guidance" not in str(settings_path().parent.parent) or str(tmp_path.parent) in str(
+        settings_path()
+    )
 
 
 def test_file_then_env_then_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,6 +48,8 @@ def test_monitor_and_rate_meter() -> None:
 
 
 def test_stage_times_intervals() -> None:
-    t = StageTimes(received=0, infer_start=1_000_000, infer_end=6_000_000, interpreted=7_000_000, published=7_500_000)
+    t = StageTimes(
+        received=0, infer_start=1_000_000, infer_end=6_000_000, interpreted=7_000_000, published=7_500_000
+    )
     assert (t.queue_ms, t.infer_ms, t.interpret_ms, t.receive_to_result_ms) == (1.0, 5.0, 1.0, 7.5)
     assert math.isnan(StageTimes(received=5).infer_ms)

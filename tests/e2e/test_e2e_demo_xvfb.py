@@ -50,7 +50,18 @@ def test_demo_window_screenshot_is_a_real_window(xvfb_display: str, tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUIDANCE_") or k == "GUIDANCE_CONFIG_DIR"}
     env.update(DISPLAY=xvfb_display, QT_QPA_PLATFORM="xcb")
     proc = subprocess.run(
-        [sys.executable, "-m", "guidance", "demo", "--engine", "classical", "--frames", "60", "--screenshot", str(shot)],
+        [
+            sys.executable,
+            "-m",
+            "guidance",
+            "demo",
+            "--engine",
+            "classical",
+            "--frames",
+            "60",
+            "--screenshot",
+            str(shot),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -63,7 +74,8 @@ def test_demo_window_screenshot_is_a_real_window(xvfb_display: str, tmp_path: Pa
     img = cv2.imread(str(shot), cv2.IMREAD_COLOR)
     assert img is not None, "screenshot is a readable PNG"
     h, w = img.shape[:2]
-    assert w >= 800 and h >= 500, (w, h)
+    assert w >= 800, (w, h)
+    assert h >= 500, (w, h)
     # Not blank: a real window has the image, text and overlay colours, not one flat fill.
     assert float(img.std()) > 10.0
     colours = np.unique(img.reshape(-1, 3)[:: max(1, (h * w) // 50_000)], axis=0)

@@ -203,6 +203,10 @@ def test_ui_shortcuts_toggle_state(window: MainWindow, session: ScriptedSession,
     qtbot.keyClick(window, Qt.Key.Key_Space)
     assert not window.frozen
     assert window.paint_tick()
+    qtbot.keyClick(window, Qt.Key.Key_F11)
+    assert window.isFullScreen()
+    qtbot.keyClick(window, Qt.Key.Key_F11)
+    assert not window.isFullScreen()
     qtbot.keyClick(window, Qt.Key.Key_R)
     assert "not available yet" in window.statusBar().currentMessage()
     qtbot.keyClick(window, Qt.Key.Key_M)

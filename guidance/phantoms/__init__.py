@@ -9,9 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from guidance.phantoms.base import Phantom, PhantomFrame
+from guidance.phantoms.fluoro import FluoroConfig, FluoroPhantom
 from guidance.phantoms.ultrasound import UltrasoundConfig, UltrasoundPhantom
 
 __all__ = [
+    "FluoroConfig",
+    "FluoroPhantom",
     "Phantom",
     "PhantomFrame",
     "UltrasoundConfig",
@@ -25,4 +28,6 @@ def make_phantom(modality: str, **kw: Any) -> Phantom:
     m = modality.lower()
     if m in ("us", "ultrasound"):
         return UltrasoundPhantom(**kw)
+    if m in ("fluoro", "xa", "xray", "x-ray"):
+        return FluoroPhantom(**kw)
     raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'")

@@ -10,11 +10,13 @@ import pytest
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
-from test_ui_support import ScriptedSession, make_frame, make_result
 
 from guidance.frontend import FrontendOptions
 from ui.app import _ErrorHooks, run_app
 from ui.main_window import MainWindow
+
+sys.path.insert(0, str(Path(__file__).parent))  # import-mode=importlib: shared helpers beside us
+from test_ui_support import ScriptedSession, make_frame, make_result
 
 pytestmark = [pytest.mark.gui, pytest.mark.qt_log_ignore("propagateSizeHints")]
 

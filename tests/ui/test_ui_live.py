@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,17 @@ import pytest
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
-from test_ui_support import close_colour, window_pixel
 
 from guidance.config import EngineSettings, Settings, SimulatorSettings
 from guidance.frontend import FrontendOptions
+from guidance.session import LiveSession
 from ui import theme
 from ui.app import run_app
 from ui.image_view import OverlayState
 from ui.main_window import MainWindow
 
-session_mod = pytest.importorskip("guidance.session", reason="guidance.session is not importable yet")
-LiveSession = session_mod.LiveSession
+sys.path.insert(0, str(Path(__file__).parent))  # import-mode=importlib: shared helpers beside us
+from test_ui_support import close_colour, window_pixel
 
 pytestmark = [pytest.mark.gui, pytest.mark.qt_log_ignore("propagateSizeHints")]
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
+
+from ui import theme
+from ui.image_view import OverlayState, clip_segment_end, contours_to_path, plan_paint
+from ui.main_window import MainWindow
+
+sys.path.insert(0, str(Path(__file__).parent))  # import-mode=importlib: shared helpers beside us
 from test_ui_support import (
     ENTRY,
     TARGET_CENTRE,
@@ -19,10 +27,6 @@ from test_ui_support import (
     make_result,
     window_pixel,
 )
-
-from ui import theme
-from ui.image_view import OverlayState, clip_segment_end, contours_to_path, plan_paint
-from ui.main_window import MainWindow
 
 pytestmark = [pytest.mark.gui, pytest.mark.qt_log_ignore("propagateSizeHints")]
 

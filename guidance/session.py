@@ -9,15 +9,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from engines import registry
 from engines.base import EngineError, SegmentationEngine
 from guidance.config import Settings
+from guidance.dicom.from_recording import LABELS_ENCODING
 from guidance.latency import LatencyMonitor, RateMeter
 from guidance.pipeline import LATENCY_NAMES, InferenceWorker, default_budget_ms
+from guidance.recorder import Recorder, RecorderStats
 from guidance.result_sender import ResultSender
 from guidance.results import GuidanceResult
 from guidance.simulator import SimulatedScanner
@@ -79,6 +84,8 @@ class LiveSession:
         self.simulator: SimulatedScanner | None = None
         self.client: IGTLClient | None = None
         self.worker: InferenceWorker | None = None
+        self.recorder: Recorder | None = None
+        self._recording_since_ns = 0
         self._connection = "idle"
         self._last_error = ""
         self._stale_paints = 0
@@ -123,7 +130,7 @@ class LiveSession:
             backoff_max_s=s.stream.reconnect_max_s,
             max_body_bytes=s.stream.max_body_mb * 1024 * 1024,
         )
-        sinks = (ResultSender(self.client),) if s.stream.send_results else ()
+        sinks = (self._record_result, *((ResultSender(self.client),) if s.stream.send_results else ()))
         self.worker = InferenceWorker(
             engine,
             self.frames,
@@ -159,6 +166,7 @@ class LiveSession:
     def stop(self) -> None:
         if not self._started:
             return
+        self.stop_recording()
         if self.client is not None:
             self.client.stop()
         if self.simulator is not None:
@@ -176,6 +184,56 @@ class LiveSession:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # ------------------------------------------------------------------ recording
+    def start_recording(self, path: Path, metadata: Mapping[str, Any] | None = None) -> Recorder:
+        """Record the original OpenIGTLink messages from now on (crash-safe container, own thread).
+
+        Raises :class:`~streaming.recording.RecordingError` with a readable reason when the file cannot be
+        created; the live session goes on either way.
+        """
+        if self.client is None:
+            raise RuntimeError("start the session before recording")
+        if self.recorder is not None:
+            raise RuntimeError(f"already recording to {self.recorder.path}")
+        meta = {
+            "source": self.source,
+            "engine": self.worker.engine_label if self.worker else "",
+            **(metadata or {}),
+        }
+        recorder = Recorder(path, meta, on_error=self.report_error)
+        recorder.start()
+        self.recorder = recorder
+        self.client.set_on_raw(recorder.submit)
+        # After set_on_raw: every frame received from now on is in the file, so its result may be too.
+        self._recording_since_ns = time.perf_counter_ns()
+        logger.info("Recording to %s", path)
+        return recorder
+
+    def stop_recording(self) -> RecorderStats | None:
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return None
+        if self.client is not None:
+            self.client.set_on_raw(None)
+        stats = recorder.stop()
+        logger.info("Recording stopped: %d messages, %d dropped", stats.written, stats.dropped)
+        return stats
+
+    def _record_result(self, result: GuidanceResult) -> None:
+        """Worker-side sink: while recording, store each result's label map beside its frame (for the
+        DICOM SEG). Keyed by the frame's receive time, which the recorder stores with the frame too."""
+        recorder = self.recorder
+        if recorder is not None and result.frame.receive_ns >= self._recording_since_ns:
+            payload = zlib.compress(result.labels.tobytes(), 1)  # level 1: ~0.2 ms at 256x256, 50x smaller
+            recorder.submit_result(result.seq, result.frame.receive_ns, payload, LABELS_ENCODING)
+
+    def add_marker(self, label: str) -> bool:
+        """Add a marker to the running recording; False when nothing is being recorded."""
+        if self.recorder is None:
+            return False
+        self.recorder.add_marker(label)
+        return True
 
     # ------------------------------------------------------------------ receiver thread callbacks
     def _on_frame(self, frame: Frame) -> None:

@@ -30,6 +30,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     out.add_argument("--mha", type=Path, metavar="OUT", help="write a PLUS .igs.mha sequence file")
     out.add_argument("--nrrd", type=Path, metavar="OUT", help="write a PLUS .igs.nrrd (or Slicer .seq.nrrd)")
     out.add_argument("--recording", type=Path, metavar="OUT", help="import a sequence file as a recording")
+    out.add_argument(
+        "--dicom", type=Path, metavar="DIR", help="write DICOM cine (+ SEG of the AI masks) into DIR"
+    )
+    p.add_argument("--patient-name", default="", help="--dicom: typed patient name (Family^Given)")
+    p.add_argument("--patient-id", default="", help="--dicom: typed patient ID")
+    p.add_argument(
+        "--engine",
+        default=None,
+        help="--dicom: segment with this engine when the recording holds no results (default: use recorded results)",
+    )
     p.add_argument("--device", default=None, help="IMAGE device to export (default: the first one seen)")
     p.add_argument("--raw", action="store_true", help="do not compress the sequence file")
     p.set_defaults(func=run)
@@ -59,11 +69,46 @@ def _export_recording(args: argparse.Namespace) -> str:
     return f"imported {n} frames -> {args.recording}"
 
 
-#: destination option (argparse dest) -> exporter. Add ``"dicom": _export_dicom`` for ``--dicom``.
+def _export_dicom(args: argparse.Namespace) -> str:
+    from engines import registry
+    from engines.base import EngineError
+    from guidance.dicom.export import export_dicom
+    from guidance.dicom.study import StudyValidationError, manual_entry
+
+    study = None
+    if args.patient_name or args.patient_id:  # else the recording's own metadata["study"]
+        try:
+            study = manual_entry(args.patient_name, args.patient_id)
+        except StudyValidationError as exc:
+            raise CommandError(str(exc)) from exc
+    engine = None
+    if args.engine:
+        try:
+            engine = registry.create(args.engine)
+            engine.load()
+            engine.warm_up()
+        except EngineError as exc:
+            raise CommandError(str(exc)) from exc
+    try:
+        paths = export_dicom(
+            args.source,
+            args.dicom,
+            study,
+            engine=engine,
+            progress=lambda stage, n: _say(f"\r{stage}: {n}", end=""),
+        )
+    finally:
+        if engine is not None:
+            engine.close()
+    return f"wrote {len(paths)} DICOM file(s) in {args.dicom}"
+
+
+#: destination option (argparse dest) -> exporter.
 EXPORTERS: dict[str, Callable[[argparse.Namespace], str]] = {
     "mha": _export_mha,
     "nrrd": _export_nrrd,
     "recording": _export_recording,
+    "dicom": _export_dicom,
 }
 
 

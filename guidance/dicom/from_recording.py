@@ -93,17 +93,23 @@ def spill_frames(frames: Iterable[Frame], work_dir: Path, progress: Progress | N
 
 
 def masks_from_results(
-    results: Iterable[Any], seqs: npt.NDArray[np.int64], shape: tuple[int, int]
+    results: Iterable[Any], receive_ns: npt.NDArray[np.int64], shape: tuple[int, int]
 ) -> npt.NDArray[np.uint8] | None:
-    """Label maps for frames ``seqs`` from recorded results of :data:`LABELS_ENCODING`; None if absent."""
-    wanted = {int(s): i for i, s in enumerate(seqs)}
+    """Label maps for the frames received at ``receive_ns`` from recorded results of
+    :data:`LABELS_ENCODING`; None if absent.
+
+    Results are paired with frames by the frame's monotonic receive time, which the recorder stores with
+    both: sequence numbers restart when a recording starts mid-session, receive times do not. Frames the AI
+    skipped (a newer one arrived first) get an empty mask.
+    """
+    wanted = {int(t): i for i, t in enumerate(receive_ns)}
     out: npt.NDArray[np.uint8] | None = None
     for r in results:
-        if r.encoding != LABELS_ENCODING or int(r.seq) not in wanted:
+        if r.encoding != LABELS_ENCODING or int(r.receive_ns) not in wanted:
             continue
         if out is None:
-            out = np.zeros((len(seqs), *shape), np.uint8)
-        out[wanted[int(r.seq)]] = np.frombuffer(zlib.decompress(r.payload), np.uint8).reshape(shape)
+            out = np.zeros((len(receive_ns), *shape), np.uint8)
+        out[wanted[int(r.receive_ns)]] = np.frombuffer(zlib.decompress(r.payload), np.uint8).reshape(shape)
     return out
 
 
@@ -128,5 +134,5 @@ def open_recording(
     reader = RecordingReader(path).open()
     spilled = spill_frames(reader.frames(device), work_dir, progress)
     shape = (int(spilled.pixels.shape[1]), int(spilled.pixels.shape[2]))
-    masks = masks_from_results(reader.results(), spilled.seqs, shape) if reader.result_count else None
+    masks = masks_from_results(reader.results(), spilled.receive_ns, shape) if reader.result_count else None
     return spilled, masks, reader.metadata

@@ -109,7 +109,7 @@ class IGTLClient:
         *,
         on_frame: Callable[[Frame], None],
         on_message: Callable[[AnyMessage], None] | None = None,
-        on_raw: Callable[[RawMessage], None] | None = None,
+        on_raw: Callable[[RawMessage], object] | None = None,
         on_state: Callable[[ConnectionEvent], None] | None = None,
         device_filter: str = "",
         reconnect: bool = True,
@@ -224,6 +224,14 @@ class IGTLClient:
             connected=self._connected.is_set(),
             last_error=self._last_error,
         )
+
+    def set_on_raw(self, on_raw: Callable[[RawMessage], object] | None) -> None:
+        """Start (or, with None, stop) delivering raw messages, e.g. when a recording starts or stops.
+
+        Takes effect from the next message; one reference store, safe from any thread. While it is None the
+        receiver builds no :class:`RawMessage` at all (no copy on the hot path when nobody records).
+        """
+        self._on_raw = on_raw
 
     def send(self, data: BytesLike) -> bool:
         """Send one encoded message to the server (e.g. a result); False when not connected or it failed.

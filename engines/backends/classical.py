@@ -135,8 +135,8 @@ class ClassicalEngine:
         if scale < 1.0:
             size = (max(8, round(w * scale)), max(8, round(h * scale)))
             work = np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-        valid = _field_of_view(work)
         polarity = self.polarity if self.polarity != "auto" else self._detect_polarity(work)
+        valid = _field_of_view(work, dark_margin=polarity == "dark")
         instrument_src = work if polarity == "bright" else np.asarray(cv2.bitwise_not(work), dtype=np.uint8)
 
         labels = np.zeros((h, w), dtype=np.uint8)
@@ -168,15 +168,22 @@ class ClassicalEngine:
 
     @staticmethod
     def _detect_polarity(work: npt.NDArray[np.uint8]) -> Polarity:
-        """Speckled images (ultrasound) carry a bright instrument; smooth X-ray images a dark one."""
-        sub = work[::2, ::2]
-        f = sub.astype(np.float32)
-        hp = f - cv2.blur(f, (3, 3))
-        inside = sub > 0
-        if not inside.any():
+        """Ultrasound (bright instrument) is speckled: strong fine texture that is correlated between
+        neighbouring pixels (the PSF). X-ray (dark instrument) is smooth, and its quantum noise is white.
+        Score = relative high-pass amplitude x lag-1 correlation, on the central half of the image."""
+        h, w = work.shape
+        c = work[h // 4 : h - h // 4, w // 4 : w - w // 4]
+        f = c.astype(np.float32)
+        hp = f - np.asarray(cv2.blur(f, (7, 7)), dtype=np.float32)
+        inside = c > 0
+        m = inside[:, :-1] & inside[:, 1:]
+        if int(m.sum()) < 64:
             return "bright"
-        cov = float(hp[inside].std() / max(1.0, float(f[inside].mean())))
-        return "bright" if cov > 0.08 else "dark"
+        a, b = hp[:, :-1][m], hp[:, 1:][m]
+        sa, sb = float(a.std()), float(b.std())
+        corr = float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb)) if sa > 0 and sb > 0 else 0.0
+        texture = sa / max(1.0, float(f[inside].mean())) * max(corr, 0.0)
+        return "bright" if texture > 0.06 else "dark"
 
     @staticmethod
     def _ridge(src: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -206,14 +213,23 @@ class ClassicalEngine:
         strong = (ridge > 0.45).astype(np.uint8)
         # a fan's straight borders are edges, not needles
         if not valid.all():
-            strong &= np.asarray(cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)), dtype=np.uint8)
+            strong &= np.asarray(
+                cv2.erode(valid.astype(np.uint8), np.ones((11, 11), np.uint8)), dtype=np.uint8
+            )
         min_len = self.min_length_px * max(h, w) / 256.0
         lines = cv2.HoughLinesP(strong, 1, math.pi / 180, threshold=15, minLineLength=min_len, maxLineGap=5)
         if lines is None:
             return None, 0.0
         segs = np.asarray(lines).reshape(-1, 4).astype(np.float32)
         lengths = np.hypot(segs[:, 2] - segs[:, 0], segs[:, 3] - segs[:, 1])
-        best = segs[int(np.argmax(lengths))]
+        # Among the longest candidates keep the one that is a line, not an edge: darker (after polarity)
+        # than its line on BOTH sides. Collimator blades, bone and organ borders are one-sided steps.
+        order = np.argsort(-lengths)[:8]
+        scores = [lengths[k] * _two_sided_contrast(smooth, segs[k]) for k in order]
+        k_best = int(order[int(np.argmax(scores))])
+        if scores[int(np.argmax(scores))] <= 0.0:
+            return None, 0.0
+        best = segs[k_best]
         # robust re-fit over ridge pixels near the Hough line
         ys, xs = np.nonzero(strong)
         pts = np.stack([xs, ys], axis=1).astype(np.float32)
@@ -316,10 +332,15 @@ class ClassicalEngine:
         return best
 
 
-def _field_of_view(work: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+def _field_of_view(work: npt.NDArray[np.uint8], *, dark_margin: bool = False) -> npt.NDArray[np.bool_]:
     """Pixels inside the imaged field: excludes large exactly-zero areas that touch the border (outside a
-    curvilinear fan, or a collimator's black margin), not dark structures inside the image."""
-    zero = (work == 0).astype(np.uint8)
+    curvilinear fan), or with ``dark_margin`` large dark border-connected areas (X-ray collimator blades,
+    which leak a little), not dark structures inside the image."""
+    if dark_margin:
+        level = 0.6 * float(np.median(work[::4, ::4]))
+        zero = np.asarray(cv2.blur(work, (5, 5)) < level, dtype=np.uint8)
+    else:
+        zero = (work == 0).astype(np.uint8)
     if not zero[0].any() and not zero[-1].any() and not zero[:, 0].any() and not zero[:, -1].any():
         return np.ones(work.shape, dtype=bool)
     zero = np.asarray(cv2.morphologyEx(zero, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)), dtype=np.uint8)
@@ -329,6 +350,27 @@ def _field_of_view(work: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
     border = border[border > 0]
     return ~np.isin(comp, border)
+
+
+def _two_sided_contrast(smooth: npt.NDArray[np.float32], seg: npt.NDArray[np.float32]) -> float:
+    """Median over a segment of ``line - max(side_a, side_b)`` (sides 5 px away): > 0 for a bright line,
+    <= 0 for a step edge."""
+    h, w = smooth.shape
+    p0, p1 = seg[:2], seg[2:]
+    n = max(2, int(np.hypot(*(p1 - p0))))
+    d = (p1 - p0) / max(float(np.hypot(*(p1 - p0))), 1e-6)
+    nrm = np.array([-d[1], d[0]], dtype=np.float32)
+    u = np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None]
+    pts = p0[None, :] + u * (p1 - p0)[None, :]
+
+    def at(off: float) -> npt.NDArray[np.float32]:
+        q = pts + off * nrm
+        xs = np.clip(np.rint(q[:, 0]), 0, w - 1).astype(np.intp)
+        ys = np.clip(np.rint(q[:, 1]), 0, h - 1).astype(np.intp)
+        return np.asarray(smooth[ys, xs], dtype=np.float32)
+
+    line = at(0.0)
+    return float(np.median(line - np.maximum(at(-5.0), at(5.0))))
 
 
 def _line_range(

@@ -315,7 +315,10 @@ class FluoroPhantom:
         d = aim - np.asarray(start)
         nrm = np.array([-d[1], d[0]]) / max(np.linalg.norm(d), 1e-6)
         aim = aim + cfg.aim_offset_px * nrm
-        path = _smooth_curve(rng, start, (float(aim[0]), float(aim[1])), cfg.curvature, n=200)
+        if cfg.instrument_kind == "needle":  # a biopsy needle is straight
+            path = np.linspace(np.asarray(start, float), aim, 200)
+        else:
+            path = _smooth_curve(rng, start, (float(aim[0]), float(aim[1])), cfg.curvature, n=200)
         seg = np.diff(path, axis=0)
         arc = np.concatenate([[0.0], np.cumsum(np.hypot(seg[:, 0], seg[:, 1]))])
         inside = (path[:, 0] >= 0) & (path[:, 0] <= w - 1) & (path[:, 1] >= 0) & (path[:, 1] <= h - 1)

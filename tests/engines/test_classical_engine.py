@@ -10,7 +10,7 @@ import pytest
 from engines import registry
 from engines.backends.classical import ClassicalEngine
 from engines.base import INSTRUMENT, TARGET, SegmentationEngine, SegmentationOutput
-from guidance.phantoms import UltrasoundPhantom
+from guidance.phantoms import FluoroPhantom, UltrasoundPhantom
 
 
 def _far_end(labels: np.ndarray, entry: tuple[float, float]) -> tuple[float, float] | None:
@@ -113,3 +113,26 @@ def test_classical_constant_and_multichannel_input() -> None:
     assert not out.labels.any()
     rgb = np.repeat(UltrasoundPhantom(seed=0).frame(150).image[..., None], 3, axis=2)
     assert eng.infer(rgb).labels.shape == (256, 256)
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_classical_finds_fluoro_needle_dark_polarity(bit_depth: int) -> None:
+    eng = ClassicalEngine()  # polarity detected from the image: X-ray is smooth, the instrument dark
+    errors = []
+    for seed in (0, 1, 2, 3):
+        p = FluoroPhantom(seed=seed, bit_depth=bit_depth, instrument=True, instrument_kind="needle")
+        for i in range(30, 150, 15):
+            f = p.frame(i)
+            if not f.instrument_present or f.tip_px is None or f.entry_px is None:
+                continue
+            if math.dist(f.tip_px, f.entry_px) < 25:
+                continue
+            out = eng.infer(f.image)
+            assert out.scores["dark_polarity"] == 1.0
+            tip = _far_end(out.labels, f.entry_px)
+            errors.append(math.inf if tip is None else math.dist(tip, f.tip_px) * f.spacing_mm[0])
+    assert len(errors) >= 10
+    within = np.mean(np.asarray(errors) < 3.0)
+    assert within >= 0.7, f"tip within 3 mm on {within:.0%} of frames; errors (mm): {np.round(errors, 1)}"
+    assert ClassicalEngine(modality="fluoro").polarity == "dark"
+    assert ClassicalEngine(modality="us").polarity == "bright"

@@ -1,0 +1,57 @@
+"""``guidance evaluate``: model vs classical baseline on held-out phantoms and real PLUS recordings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a segmentation model against the classical baseline",
+        description="Dice per class, tip error (mm), axis angle error and false instrument detections on "
+        "held-out phantom sequences (never used in training), per modality, for the model and the classical "
+        "baseline side by side; plus false detections on the real PLUS recordings.",
+    )
+    p.add_argument("--model", default=None, help="model card / ONNX path or shipped name (default: shipped)")
+    p.add_argument("--engine", default="onnxruntime", help="backend running the model (default onnxruntime)")
+    p.add_argument("--baseline", default="classical", help="baseline engine ('' for none)")
+    p.add_argument("--json", type=Path, required=True, help="write the JSON report here")
+    p.add_argument("--modality", choices=("us", "fluoro", "both"), default="both")
+    p.add_argument("--sequences", type=int, default=8, help="held-out sequences per modality (default 8)")
+    p.add_argument("--frames", type=int, default=40, help="frames per sequence (default 40)")
+    p.add_argument(
+        "--plus-dir", type=Path, default=None, help="folder of PLUS recordings (default shared data)"
+    )
+    p.add_argument("--no-plus", action="store_true", help="skip the real PLUS recordings")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.base import EngineError
+    from guidance import evaluation
+    from guidance.cli import CommandError
+
+    modalities = ("us", "fluoro") if args.modality == "both" else (args.modality,)
+    plus_dir = None if args.no_plus else (args.plus_dir or evaluation.PLUS_DIR)
+    cfg = evaluation.EvalConfig(
+        modalities=modalities, sequences=args.sequences, frames=args.frames, plus_dir=plus_dir
+    )
+    try:
+        report = evaluation.evaluate(
+            args.model, cfg, model_engine=args.engine, baseline=args.baseline or None
+        )
+    except (evaluation.EvaluationError, EngineError) as exc:
+        raise CommandError(str(exc)) from None
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for line in evaluation.summary_lines(report):
+        sys.stderr.write(line + "\n")
+    sys.stderr.write(f"report written to {args.json}\n")
+    return 0

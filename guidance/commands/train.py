@@ -1,0 +1,76 @@
+"""``guidance train``: train the segmentation network on the phantoms and export ONNX + model card."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the segmentation model on simulated phantoms (needs the 'train' extra)",
+        description="Train the needle/target segmentation network on procedurally simulated phantom "
+        "sequences, then export <out>/<name>.onnx, <name>.json (model card) and <name>.pt.",
+    )
+    p.add_argument(
+        "--modality", choices=("us", "fluoro", "both"), default="both", help="phantoms to train on"
+    )
+    p.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget (default 40)")
+    p.add_argument("--steps", type=int, default=None, help="fixed number of steps (overrides --minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default runs/train)")
+    p.add_argument("--name", default="guidance-unet", help="model name (file stem)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--crop", type=int, default=None, help="training crop size in pixels (multiple of 16)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from guidance.cli import CommandError
+
+    try:
+        from guidance import training
+    except ImportError as exc:
+        raise CommandError(f"training needs the 'train' extra (pip install -e '.[train]'): {exc}") from None
+
+    modalities = ("us", "fluoro") if args.modality == "both" else (args.modality,)
+    overrides = {
+        k: v
+        for k, v in {
+            "batch_size": args.batch_size,
+            "crop": args.crop,
+            "lr": args.lr,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    cfg = dataclasses.replace(
+        training.TrainConfig(),
+        modalities=modalities,
+        minutes=args.minutes,
+        steps=args.steps,
+        seed=args.seed,
+        **overrides,
+    )
+    try:
+        result = training.train(cfg, args.out, progress=not args.no_progress, name=args.name)
+    except training.TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    best = result.best_metrics
+    logger.info("Trained %d steps in %.0f s", result.steps, result.seconds)
+    import sys
+
+    sys.stderr.write(
+        f"trained {result.steps} steps in {result.seconds:.0f} s on {', '.join(result.modalities)}; "
+        f"validation instrument Dice {best.get('val_instrument_dice', float('nan')):.3f}, "
+        f"target Dice {best.get('val_target_dice', float('nan')):.3f}; model in {args.out}\n"
+    )
+    return 0

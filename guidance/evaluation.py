@@ -1,0 +1,448 @@
+"""Evaluation of segmentation engines on held-out phantom sequences and on real PLUS recordings.
+
+Held-out data: sequence seeds ``HELDOUT_SEED_BASE + 1000 * modality_index + k`` (k < ``sequences``), far
+below :data:`guidance.training.TRAIN_SEED_RANGE` and distinct from the validation seeds, so no evaluation
+sequence is ever trained on. Each sequence contributes ``frames`` consecutive frames every ``stride``-th
+frame, fed in order through one :class:`guidance.interpretation.Interpreter` per sequence (as in the live
+app), so the geometry figures include the interpretation.
+
+Figures per engine and modality (see :class:`ModalityReport`):
+
+* Dice per class, pooled over all frames (pixel counts summed; robust on frames where a class is absent);
+* tip error in mm (median, p95) and axis angle error in degrees (median, p95) on frames where the instrument
+  is visible and detected (raw, unfiltered tip), plus the fraction of such frames where it was missed;
+* false instrument detections: fraction of instrument-free frames on which an instrument was reported.
+
+Real recordings: every PLUS/Slicer sequence file in the PLUS folder (real ultrasound, no needle) is read with
+:func:`streaming.sequence.read_sequence` and the fraction of frames with a reported instrument is given.
+
+The classical baseline (engine ``"classical"``) is evaluated side by side on the same frames. Targets are in
+:data:`TARGETS`; :func:`check_targets` lists which are met.
+
+When :mod:`guidance.interpretation` is not importable yet, a simple stand-in (largest instrument component,
+principal axis, tip = end farther from the image border) is used and the report says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from engines.base import INSTRUMENT, TARGET, SegmentationEngine, SegmentationOutput
+from guidance.phantoms import PhantomFrame, make_phantom
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_SEED_BASE = 10_000
+REPO = Path(__file__).resolve().parents[1]
+PLUS_DIR = (REPO.parent / "shared" / "data" / "plus").resolve()
+SEQUENCE_SUFFIXES = (".igs.mha", ".igs.nrrd", ".seq.nrrd", ".mha", ".nrrd")
+#: Instrument pixels below which the stand-in geometry reports "no instrument".
+MIN_INSTRUMENT_PIXELS = 20
+
+#: Acceptance targets (per modality; PLUS: false detections on real recordings).
+TARGETS: Mapping[str, tuple[str, float]] = {
+    "instrument_dice": (">=", 0.80),
+    "target_dice": (">=", 0.90),
+    "tip_error_mm_median": ("<=", 1.0),
+    "tip_error_mm_p95": ("<=", 3.0),
+    "false_detection_rate": ("<=", 0.02),
+    "plus_false_detection_rate": ("<=", 0.05),
+}
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run; one readable line."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConfig:
+    modalities: tuple[str, ...] = ("us", "fluoro")
+    sequences: int = 8
+    frames: int = 40
+    stride: int = 4
+    width: int = 256
+    height: int = 256
+    seed_base: int = HELDOUT_SEED_BASE
+    plus_dir: Path | None = PLUS_DIR
+    plus_max_frames: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """What the evaluation reads off one prediction."""
+
+    present: bool
+    tip_px: tuple[float, float] | None = None
+    angle_deg: float | None = None
+
+
+class GeometryReader(Protocol):
+    def __call__(
+        self, out: SegmentationOutput, spacing_mm: tuple[float, float], time_s: float
+    ) -> Geometry: ...
+
+
+@dataclass(slots=True)
+class ModalityReport:
+    """Figures of one engine on one modality (NaN where undefined, e.g. no frame had a target)."""
+
+    frames: int = 0
+    instrument_frames: int = 0
+    instrument_free_frames: int = 0
+    instrument_dice: float = math.nan
+    target_dice: float = math.nan
+    tip_error_mm_median: float = math.nan
+    tip_error_mm_p95: float = math.nan
+    angle_error_deg_median: float = math.nan
+    angle_error_deg_p95: float = math.nan
+    instrument_missed_rate: float = math.nan
+    false_detection_rate: float = math.nan
+    infer_ms_median: float = math.nan
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
+        }
+
+
+@dataclass(slots=True)
+class _Accumulator:
+    inter: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, np.int64))
+    total: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, np.int64))
+    tip_err_mm: list[float] = field(default_factory=list)
+    angle_err: list[float] = field(default_factory=list)
+    inst_frames: int = 0
+    missed: int = 0
+    free_frames: int = 0
+    false_det: int = 0
+    frames: int = 0
+    infer_ms: list[float] = field(default_factory=list)
+
+    def add(self, frame: PhantomFrame, labels: npt.NDArray[np.uint8], geo: Geometry, infer_ms: float) -> None:
+        self.frames += 1
+        self.infer_ms.append(infer_ms)
+        true = frame.labels
+        for c in (INSTRUMENT, TARGET):
+            p, t = labels == c, true == c
+            self.inter[c] += int(np.logical_and(p, t).sum())
+            self.total[c] += int(p.sum()) + int(t.sum())
+        if frame.instrument_present and frame.tip_px is not None:
+            self.inst_frames += 1
+            if not geo.present or geo.tip_px is None:
+                self.missed += 1
+                return
+            sx, sy = frame.spacing_mm
+            dx = (geo.tip_px[0] - frame.tip_px[0]) * sx
+            dy = (geo.tip_px[1] - frame.tip_px[1]) * sy
+            self.tip_err_mm.append(math.hypot(dx, dy))
+            if geo.angle_deg is not None and frame.axis_angle_deg is not None:
+                d = abs(geo.angle_deg - frame.axis_angle_deg) % 180.0
+                self.angle_err.append(min(d, 180.0 - d))
+        elif not frame.instrument_present:
+            self.free_frames += 1
+            self.false_det += int(geo.present)
+
+    def report(self) -> ModalityReport:
+        def pct(v: list[float], q: float) -> float:
+            return float(np.percentile(v, q)) if v else math.nan
+
+        def dice(c: int) -> float:
+            return 2.0 * float(self.inter[c]) / float(self.total[c]) if self.total[c] else math.nan
+
+        return ModalityReport(
+            frames=self.frames,
+            instrument_frames=self.inst_frames,
+            instrument_free_frames=self.free_frames,
+            instrument_dice=dice(INSTRUMENT),
+            target_dice=dice(TARGET),
+            tip_error_mm_median=pct(self.tip_err_mm, 50),
+            tip_error_mm_p95=pct(self.tip_err_mm, 95),
+            angle_error_deg_median=pct(self.angle_err, 50),
+            angle_error_deg_p95=pct(self.angle_err, 95),
+            instrument_missed_rate=self.missed / self.inst_frames if self.inst_frames else math.nan,
+            false_detection_rate=self.false_det / self.free_frames if self.free_frames else math.nan,
+            infer_ms_median=pct(self.infer_ms, 50),
+        )
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def simple_geometry(labels: npt.NDArray[np.uint8]) -> Geometry:
+    """Stand-in interpretation: largest instrument component, principal axis, tip away from the border."""
+    mask = (labels == INSTRUMENT).astype(np.uint8)
+    if int(mask.sum()) < MIN_INSTRUMENT_PIXELS:
+        return Geometry(False)
+    _, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if int(stats[k, cv2.CC_STAT_AREA]) < MIN_INSTRUMENT_PIXELS:
+        return Geometry(False)
+    ys, xs = np.nonzero(comp == k)
+    pts = np.stack([xs, ys], axis=1).astype(np.float64)
+    mean = pts.mean(axis=0)
+    _, _, vt = np.linalg.svd(pts - mean, full_matrices=False)
+    d = vt[0]
+    proj = (pts - mean) @ d
+    a, b = mean + proj.min() * d, mean + proj.max() * d
+    h, w = labels.shape
+
+    def border(p: npt.NDArray[np.float64]) -> float:
+        return float(min(p[0], p[1], w - 1 - p[0], h - 1 - p[1]))
+
+    tip, entry = (a, b) if border(a) > border(b) else (b, a)
+    angle = math.degrees(math.atan2(tip[1] - entry[1], tip[0] - entry[0])) % 180.0
+    return Geometry(True, (float(tip[0]), float(tip[1])), angle)
+
+
+def geometry_reader_factory() -> tuple[Callable[[], GeometryReader], str]:
+    """``(factory of per-sequence readers, description)``: the Interpreter when importable."""
+    try:
+        # Imported by name: the interpretation module is written in parallel and may not exist yet.
+        interpreter_cls: Any = importlib.import_module("guidance.interpretation").Interpreter
+    except (ImportError, AttributeError) as exc:
+        logger.warning("guidance.interpretation unavailable (%s); using the stand-in geometry", exc)
+
+        def make_simple() -> GeometryReader:
+            def read(out: SegmentationOutput, spacing_mm: tuple[float, float], time_s: float) -> Geometry:
+                return simple_geometry(out.labels)
+
+            return read
+
+        return make_simple, "stand-in (largest component, principal axis)"
+
+    def make_interp() -> GeometryReader:
+        interp = interpreter_cls()
+
+        def read(out: SegmentationOutput, spacing_mm: tuple[float, float], time_s: float) -> Geometry:
+            res = interp.update(out.labels, spacing_mm, time_s, out.instrument_prob)
+            inst = res.instrument
+            if inst is None:
+                return Geometry(False)
+            return Geometry(
+                True, (float(inst.raw_tip_px[0]), float(inst.raw_tip_px[1])), float(inst.angle_deg)
+            )
+
+        return read
+
+    return make_interp, "guidance.interpretation.Interpreter (raw tip)"
+
+
+# ------------------------------------------------------------------------------------------ data
+def heldout_seeds(cfg: EvalConfig, modality_index: int) -> list[int]:
+    return [cfg.seed_base + 1000 * modality_index + k for k in range(cfg.sequences)]
+
+
+def heldout_sequences(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame]]]:
+    """modality -> sequences -> frames (modalities whose phantom is missing are skipped with a warning)."""
+    out: dict[str, list[list[PhantomFrame]]] = {}
+    for mi, m in enumerate(cfg.modalities):
+        seqs = []
+        try:
+            for seed in heldout_seeds(cfg, mi):
+                ph = make_phantom(m, seed=seed, width=cfg.width, height=cfg.height)
+                seqs.append([ph.frame(j * cfg.stride) for j in range(cfg.frames)])
+        except (ValueError, ImportError, NotImplementedError) as exc:
+            logger.warning("No %s phantom available, not evaluated: %s", m, exc)
+            continue
+        out[m] = seqs
+    return out
+
+
+EngineFactory = Callable[[str], SegmentationEngine]  # modality -> loaded engine
+
+
+def evaluate_engine(
+    make_engine: EngineFactory,
+    data: Mapping[str, list[list[PhantomFrame]]],
+    reader_factory: Callable[[], GeometryReader],
+) -> dict[str, ModalityReport]:
+    """Run one engine over held-out sequences; returns modality -> report."""
+    reports: dict[str, ModalityReport] = {}
+    for modality, seqs in data.items():
+        engine = make_engine(modality)
+        acc = _Accumulator()
+        try:
+            for seq in seqs:
+                reader = reader_factory()
+                for fr in seq:
+                    t0 = time.perf_counter()
+                    out = engine.infer(fr.image)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    geo = reader(out, fr.spacing_mm, fr.time_s)
+                    acc.add(fr, out.labels, geo, ms)
+        finally:
+            engine.close()
+        reports[modality] = acc.report()
+    return reports
+
+
+def sequence_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SEQUENCE_SUFFIXES))
+
+
+def evaluate_plus(
+    make_engine: EngineFactory,
+    folder: Path,
+    reader_factory: Callable[[], GeometryReader],
+    max_frames: int = 200,
+) -> dict[str, Any]:
+    """Fraction of frames with a reported instrument on every real PLUS recording (no needles in them)."""
+    try:
+        from streaming.sequence import read_sequence
+    except ImportError as exc:
+        return {"status": f"not evaluated: streaming.sequence unavailable ({exc})"}
+    if not folder.is_dir():
+        return {"status": f"not evaluated: {folder} does not exist"}
+    engine = make_engine("us")
+    files: dict[str, Any] = {}
+    total = det = 0
+    try:
+        for path in sequence_files(folder):
+            try:
+                seq = read_sequence(path)
+            except (ValueError, OSError) as exc:
+                files[path.name] = {"status": f"unreadable: {exc}"}
+                continue
+            reader = reader_factory()
+            n = min(len(seq.frames), max_frames)
+            hits = 0
+            for i in range(n):
+                img = np.asarray(seq.frames[i])
+                out = engine.infer(img)
+                hits += int(reader(out, seq.spacing, float(i) / 30.0).present)
+            files[path.name] = {"frames": n, "false_detections": hits, "rate": hits / n if n else None}
+            total += n
+            det += hits
+    finally:
+        engine.close()
+    return {"files": files, "frames": total, "false_detection_rate": det / total if total else None}
+
+
+# ------------------------------------------------------------------------------------------ engines
+def registry_engine_factory(name: str, **options: Any) -> EngineFactory:
+    """Engines from :func:`engines.registry.create` (loaded and warmed up); classical gets the modality."""
+    from engines import registry
+
+    def make(modality: str) -> SegmentationEngine:
+        opts = dict(options)
+        if name == "classical":
+            opts.setdefault("modality", modality)
+        engine = registry.create(name, **opts)
+        engine.load()
+        engine.warm_up()
+        return engine
+
+    return make
+
+
+def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each target per modality: value, threshold, met, and whether the model beats the baseline."""
+    rows: list[dict[str, Any]] = []
+    model = report.get("model", {})
+    base = report.get("baseline", {})
+    for modality, figs in model.items():
+        for key, (op, thr) in TARGETS.items():
+            if key.startswith("plus_"):
+                continue
+            v = figs.get(key)
+            b = base.get(modality, {}).get(key)
+            met = v is not None and (v >= thr if op == ">=" else v <= thr)
+            better = None if v is None or b is None else (v > b if op == ">=" else v < b)
+            rows.append(
+                {
+                    "modality": modality,
+                    "figure": key,
+                    "value": v,
+                    "target": f"{op} {thr:g}",
+                    "met": met,
+                    "baseline": b,
+                    "better_than_baseline": better,
+                }
+            )
+    plus = report.get("plus", {}).get("model", {})
+    v = plus.get("false_detection_rate")
+    b = report.get("plus", {}).get("baseline", {}).get("false_detection_rate")
+    op, thr = TARGETS["plus_false_detection_rate"]
+    rows.append(
+        {
+            "modality": "plus",
+            "figure": "false_detection_rate",
+            "value": v,
+            "target": f"{op} {thr:g}",
+            "met": v is not None and v <= thr,
+            "baseline": b,
+            "better_than_baseline": None if v is None or b is None else v < b,
+        }
+    )
+    return rows
+
+
+def evaluate(
+    model: str | Path | None,
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    model_engine: str = "onnxruntime",
+    baseline: str | None = "classical",
+    model_factory: EngineFactory | None = None,
+) -> dict[str, Any]:
+    """Full evaluation report (JSON-ready): model and baseline per modality, PLUS, targets."""
+    reader_factory, reader_desc = geometry_reader_factory()
+    data = heldout_sequences(cfg)
+    if not data:
+        raise EvaluationError("no phantom modality is available for evaluation")
+    make_model = model_factory or registry_engine_factory(
+        model_engine, **({"model": str(model)} if model is not None else {})
+    )
+    t0 = time.monotonic()
+    report: dict[str, Any] = {
+        "config": {**asdict(cfg), "plus_dir": str(cfg.plus_dir) if cfg.plus_dir else None},
+        "heldout_seeds": {m: heldout_seeds(cfg, cfg.modalities.index(m)) for m in data},
+        "interpretation": reader_desc,
+        "model_path": None if model is None else str(model),
+        "model_engine": model_engine,
+        "model": {m: r.to_dict() for m, r in evaluate_engine(make_model, data, reader_factory).items()},
+    }
+    make_base = registry_engine_factory(baseline) if baseline else None
+    if make_base is not None:
+        report["baseline_engine"] = baseline
+        report["baseline"] = {
+            m: r.to_dict() for m, r in evaluate_engine(make_base, data, reader_factory).items()
+        }
+    if cfg.plus_dir is not None:
+        report["plus"] = {
+            "model": evaluate_plus(make_model, cfg.plus_dir, reader_factory, cfg.plus_max_frames)
+        }
+        if make_base is not None:
+            report["plus"]["baseline"] = evaluate_plus(
+                make_base, cfg.plus_dir, reader_factory, cfg.plus_max_frames
+            )
+    report["targets"] = check_targets(report)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    return report
+
+
+def summary_lines(report: Mapping[str, Any]) -> Iterable[str]:
+    """Human-readable table of the report (for the command's stderr)."""
+    yield f"{'modality':8} {'figure':24} {'model':>9} {'baseline':>9} {'target':>8} met better"
+    for row in report.get("targets", []):
+
+        def f(v: Any) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        yield (
+            f"{row['modality']:8} {row['figure']:24} {f(row['value']):>9} {f(row['baseline']):>9} "
+            f"{row['target']:>8} {'yes' if row['met'] else 'NO ':3} {row['better_than_baseline']}"
+        )
+
+
+def sequences_for(modalities: Sequence[str]) -> tuple[str, ...]:
+    return tuple(modalities)

@@ -1,0 +1,690 @@
+"""Training of the segmentation network on the project's own phantoms (needs the ``train`` extra: torch).
+
+Data: every sample is a frame of a simulated sequence from :mod:`guidance.phantoms` (ultrasound, and
+fluoroscopy once that phantom exists: :func:`available_modalities` takes whatever ``make_phantom``
+accepts). Each sequence draws its own varied configuration from its seed. Training sequence seeds come
+from :data:`TRAIN_SEED_RANGE`, validation seeds from :data:`VALIDATION_SEED_BASE` and the held-out
+evaluation seeds (:mod:`guidance.evaluation`) from a range below both, so no evaluation sequence is ever
+seen in training.
+
+Needle emphasis (the thin, faint, partly out-of-plane instrument is the hard class):
+
+* sampling: frames with an instrument are drawn with probability ``needle_fraction``; crops are centred on
+  an instrument pixel (or its tip) most of the time;
+* loss: cross-entropy (instrument up-weighted) + soft Dice (instrument, target) + Tversky on the instrument
+  (false negatives weighted more than false positives, for recall) + soft clDice on the instrument
+  (connectivity of the thin shaft) + a training-only tip-heatmap head;
+* an exponential moving average of the weights is what gets validated and exported.
+
+Augmentation (numpy/cv2, per sample): random affine (rotation, zoom, shift), flips (horizontal; vertical
+as well for fluoroscopy), gain, gamma, offset, Gaussian blur, additive and multiplicative noise, crops.
+
+Reproducibility: python, numpy and torch are seeded from ``seed``; deterministic torch algorithms are
+switched on (cheap on CPU). With ``steps`` set the run is bit-for-bit repeatable on the same machine; with
+only ``minutes`` set the learning-rate schedule follows the wall clock, so the number of steps (and hence
+the weights) depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from engines.base import INSTRUMENT, TARGET
+from engines.models.preprocess import normalize
+from engines.models.unet import (
+    CardInfo,
+    UNet,
+    UNetConfig,
+    build_model,
+    count_macs,
+    export_model_asset,
+)
+from guidance.phantoms import PhantomFrame, make_phantom
+
+logger = logging.getLogger(__name__)
+
+#: Sequence seeds used for training are drawn from this half-open range.
+TRAIN_SEED_RANGE = (1_000_000, 2_000_000_000)
+#: Fixed validation sequences (monitoring and checkpoint choice during training).
+VALIDATION_SEED_BASE = 500_000
+#: Frames per sequence a training sample is drawn from (about 20 s at 30 fps: several insertion cycles).
+FRAMES_PER_SEQUENCE = 600
+DEFAULT_MODEL_NAME = "guidance-unet"
+MODALITIES = ("us", "fluoro")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot run (no phantom available, bad configuration); one readable line."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """One training run. ``steps`` (when set) fixes the run length; otherwise ``minutes`` does."""
+
+    modalities: tuple[str, ...] = MODALITIES
+    minutes: float = 40.0
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    crop: int = 96
+    image_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.05
+    ema_decay: float = 0.99
+    model: UNetConfig = field(default_factory=UNetConfig)
+    needle_fraction: float = 0.8
+    crop_on_instrument: float = 0.65
+    crop_on_target: float = 0.15
+    pool_size: int = 32
+    refresh_every: int = 2  # replace one pooled sequence every N steps
+    val_every: int = 25
+    val_sequences: int = 4
+    val_frames_per_sequence: int = 6
+    threads: int = 2
+    # loss weights
+    w_ce: float = 1.0
+    w_dice: float = 1.0
+    w_tversky: float = 0.5
+    w_cldice: float = 0.5
+    w_tip: float = 0.5
+    instrument_ce_weight: float = 3.0
+    tversky_alpha: float = 0.3  # false-positive weight
+    tversky_beta: float = 0.7  # false-negative weight
+    tip_sigma_px: float = 2.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    model: UNet
+    steps: int
+    seconds: float
+    history: tuple[dict[str, float], ...]
+    best_metrics: dict[str, float]
+    modalities: tuple[str, ...]
+    out_dir: Path | None
+
+
+# ------------------------------------------------------------------------------------------- seeding
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed python, numpy and torch; switch on deterministic torch algorithms (cheap on CPU)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))  # legacy global state, for third-party code
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def available_modalities(requested: Sequence[str]) -> tuple[str, ...]:
+    """The requested modalities whose phantom exists in this build (others skipped with a warning)."""
+    out = []
+    for m in requested:
+        try:
+            make_phantom(m, seed=0, width=64, height=64)
+        except (ValueError, ImportError, NotImplementedError) as exc:
+            logger.warning("No %s phantom available, training without it: %s", m, exc)
+            continue
+        out.append(m)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------- samples
+def _f32(a: Any) -> npt.NDArray[np.float32]:
+    return np.asarray(a, dtype=np.float32)
+
+
+def _u8(a: Any) -> npt.NDArray[np.uint8]:
+    return np.asarray(a, dtype=np.uint8)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One network-ready sample: image (H, W) float32 in [0, 1], labels uint8, tip heatmap float32."""
+
+    image: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.uint8]
+    tip: npt.NDArray[np.float32]
+
+
+def tip_heatmap(
+    shape: tuple[int, int], tip: tuple[float, float] | None, sigma: float
+) -> npt.NDArray[np.float32]:
+    h, w = shape
+    if tip is None:
+        return np.zeros((h, w), np.float32)
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    d2 = (xs - np.float32(tip[0])) ** 2 + (ys - np.float32(tip[1])) ** 2
+    out: npt.NDArray[np.float32] = np.exp(-d2 / np.float32(2.0 * sigma * sigma)).astype(np.float32)
+    return out
+
+
+def frame_to_sample(frame: PhantomFrame, size: int, sigma: float) -> Sample:
+    """A phantom frame at the network input size (no augmentation): what validation/evaluation see."""
+    img = normalize(frame.image)
+    lab = frame.labels
+    h, w = lab.shape
+    tip = frame.tip_px
+    if (h, w) != (size, size):
+        img = _f32(
+            cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if h > size else cv2.INTER_LINEAR)
+        )
+        lab = _u8(cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST))
+        if tip is not None:
+            tip = (tip[0] * size / w, tip[1] * size / h)
+    return Sample(img.astype(np.float32), lab.astype(np.uint8), tip_heatmap((size, size), tip, sigma))
+
+
+def augment(frame: PhantomFrame, rng: np.random.Generator, cfg: TrainConfig) -> Sample:
+    """Augmented crop of ``frame`` (geometry + intensity), ``cfg.crop`` square."""
+    base = frame_to_sample(frame, cfg.image_size, cfg.tip_sigma_px)
+    img, lab = base.image, base.labels
+    size = cfg.image_size
+    tip = frame.tip_px
+    if tip is not None:
+        tip = (tip[0] * size / frame.labels.shape[1], tip[1] * size / frame.labels.shape[0])
+    fluoro = frame.modality == "fluoro"
+
+    # Geometry: affine about the image centre (rotation, zoom, shift) and flips.
+    angle = float(rng.uniform(-25, 25) if fluoro else rng.uniform(-12, 12))
+    scale = float(np.exp(rng.uniform(math.log(0.8), math.log(1.3))))
+    m = cv2.getRotationMatrix2D((size / 2.0 - 0.5, size / 2.0 - 0.5), angle, scale)
+    m[:, 2] = m[:, 2] + rng.uniform(-0.08, 0.08, size=2) * size
+    if rng.uniform() < 0.5:  # horizontal flip
+        m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0.0, 0.0, 1.0]])
+    if fluoro and rng.uniform() < 0.5:  # vertical flip (fluoroscopy has no "depth" direction)
+        m = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, size - 1.0]]) @ np.vstack([m, [0.0, 0.0, 1.0]])
+    border = float(rng.uniform(0.0, 0.05))
+    img = _f32(cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=border))
+    lab = _u8(cv2.warpAffine(lab, m, (size, size), flags=cv2.INTER_NEAREST, borderValue=0))
+    if tip is not None:
+        tx, ty = m @ np.array([tip[0], tip[1], 1.0])
+        tip = (float(tx), float(ty))
+
+    # Crop: centred on the instrument, the target, or anywhere.
+    c = cfg.crop
+    if c < size:
+        u = rng.uniform()
+        ys, xs = np.empty(0, np.intp), np.empty(0, np.intp)
+        if u < cfg.crop_on_instrument:
+            ys, xs = np.nonzero(lab == INSTRUMENT)
+        elif u < cfg.crop_on_instrument + cfg.crop_on_target:
+            ys, xs = np.nonzero(lab == TARGET)
+        if len(ys):
+            k = int(rng.integers(len(ys)))
+            if tip is not None and rng.uniform() < 0.3:
+                cy, cx = int(tip[1]), int(tip[0])
+            else:
+                cy, cx = int(ys[k]), int(xs[k])
+            cy += int(rng.integers(-c // 4, c // 4 + 1))
+            cx += int(rng.integers(-c // 4, c // 4 + 1))
+        else:
+            cy, cx = (
+                int(rng.integers(c // 2, size - c // 2 + 1)),
+                int(rng.integers(c // 2, size - c // 2 + 1)),
+            )
+        y0 = min(max(cy - c // 2, 0), size - c)
+        x0 = min(max(cx - c // 2, 0), size - c)
+        img = img[y0 : y0 + c, x0 : x0 + c]
+        lab = lab[y0 : y0 + c, x0 : x0 + c]
+        if tip is not None:
+            tip = (tip[0] - x0, tip[1] - y0)
+    if tip is not None and not bool(np.any(lab == INSTRUMENT)):
+        tip = None
+
+    # Intensity: gain, gamma, offset, blur, noise.
+    img = np.clip(img, 0.0, 1.0)
+    img = img ** np.float32(np.exp(rng.uniform(math.log(0.7), math.log(1.5))))
+    img = img * np.float32(rng.uniform(0.7, 1.3)) + np.float32(rng.uniform(-0.06, 0.06))
+    if rng.uniform() < 0.3:
+        img = _f32(cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.4, 1.2))))
+    if rng.uniform() < 0.5:
+        img = img * (1.0 + rng.normal(0.0, rng.uniform(0.02, 0.15), img.shape)).astype(np.float32)
+    if rng.uniform() < 0.5:
+        img = img + rng.normal(0.0, rng.uniform(0.005, 0.04), img.shape).astype(np.float32)
+    img = np.clip(img, 0.0, 1.0).astype(np.float32)
+    return Sample(
+        np.ascontiguousarray(img), np.ascontiguousarray(lab), tip_heatmap(lab.shape, tip, cfg.tip_sigma_px)
+    )
+
+
+class PhantomSampler:
+    """Draws augmented training samples from a rotating pool of phantom sequences.
+
+    The pool holds ``pool_size`` sequences (seeds drawn from :data:`TRAIN_SEED_RANGE` by this sampler's
+    generator); one is replaced every ``refresh_every`` batches, so a long run sees thousands of
+    sequences while each batch costs only frame synthesis (~1 ms per frame).
+    """
+
+    def __init__(self, cfg: TrainConfig, modalities: Sequence[str], seed: int) -> None:
+        if not modalities:
+            raise TrainingError("no phantom modality is available to train on")
+        self.cfg = cfg
+        self.modalities = tuple(modalities)
+        self.rng = np.random.default_rng([seed, 0x7EA1])
+        self.pool: list[Any] = [self._new_sequence() for _ in range(cfg.pool_size)]
+        self.batches = 0
+        self.sequences_used = len(self.pool)
+
+    def _new_sequence(self) -> Any:
+        modality = self.modalities[int(self.rng.integers(len(self.modalities)))]
+        seed = int(self.rng.integers(*TRAIN_SEED_RANGE))
+        return make_phantom(modality, seed=seed, width=self.cfg.image_size, height=self.cfg.image_size)
+
+    def _frame(self) -> PhantomFrame:
+        want_needle = self.rng.uniform() < self.cfg.needle_fraction
+        frame = None
+        for _ in range(6):
+            phantom = self.pool[int(self.rng.integers(len(self.pool)))]
+            frame = phantom.frame(int(self.rng.integers(FRAMES_PER_SEQUENCE)))
+            if frame.instrument_present == want_needle:
+                break
+        assert frame is not None
+        out: PhantomFrame = frame
+        return out
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(images (B,1,c,c) float32, labels (B,c,c) int64, tip heatmaps (B,1,c,c) float32)``."""
+        samples = [augment(self._frame(), self.rng, self.cfg) for _ in range(self.cfg.batch_size)]
+        self.batches += 1
+        if self.cfg.refresh_every > 0 and self.batches % self.cfg.refresh_every == 0:
+            self.pool[int(self.rng.integers(len(self.pool)))] = self._new_sequence()
+            self.sequences_used += 1
+        x = torch.from_numpy(np.stack([s.image for s in samples])[:, None])
+        y = torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.int64))
+        t = torch.from_numpy(np.stack([s.tip for s in samples])[:, None])
+        return x, y, t
+
+
+def validation_set(cfg: TrainConfig, modalities: Sequence[str]) -> list[Sample]:
+    """Fixed validation frames (seeds from :data:`VALIDATION_SEED_BASE`, never trained on)."""
+    out = []
+    for mi, m in enumerate(modalities):
+        for k in range(cfg.val_sequences):
+            ph = make_phantom(
+                m, seed=VALIDATION_SEED_BASE + 1000 * mi + k, width=cfg.image_size, height=cfg.image_size
+            )
+            step = FRAMES_PER_SEQUENCE // max(cfg.val_frames_per_sequence, 1)
+            for j in range(cfg.val_frames_per_sequence):
+                out.append(frame_to_sample(ph.frame(j * step + 7), cfg.image_size, cfg.tip_sigma_px))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- losses
+def soft_dice(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice over the whole batch (stable on frames where the class is absent)."""
+    inter = (prob * target).sum()
+    return 1.0 - (2.0 * inter + eps) / (prob.sum() + target.sum() + eps)
+
+
+def tversky(
+    prob: torch.Tensor, target: torch.Tensor, alpha: float, beta: float, eps: float = 1.0
+) -> torch.Tensor:
+    tp = (prob * target).sum()
+    fp = (prob * (1.0 - target)).sum()
+    fn = ((1.0 - prob) * target).sum()
+    return 1.0 - (tp + eps) / (tp + alpha * fp + beta * fn + eps)
+
+
+def _soft_erode(x: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(-F.max_pool2d(-x, (3, 1), 1, (1, 0)), -F.max_pool2d(-x, (1, 3), 1, (0, 1)))
+
+
+def _soft_dilate(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 3, 1, 1)
+
+
+def soft_skeleton(x: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Differentiable morphological skeleton (Shit et al., clDice, CVPR 2021)."""
+    skel = F.relu(x - _soft_dilate(_soft_erode(x)))
+    for _ in range(iterations):
+        x = _soft_erode(x)
+        delta = F.relu(x - _soft_dilate(_soft_erode(x)))
+        skel = skel + F.relu(delta - skel * delta)
+    return skel
+
+
+def soft_cldice(
+    prob: torch.Tensor, target: torch.Tensor, iterations: int = 3, eps: float = 1.0
+) -> torch.Tensor:
+    """1 - clDice: topology precision/recall of the predicted and true skeletons (inputs (B,1,H,W))."""
+    sp, st = soft_skeleton(prob, iterations), soft_skeleton(target, iterations)
+    tprec = ((sp * target).sum() + eps) / (sp.sum() + eps)
+    tsens = ((st * prob).sum() + eps) / (st.sum() + eps)
+    return 1.0 - 2.0 * tprec * tsens / (tprec + tsens)
+
+
+class SegmentationLoss(nn.Module):
+    """CE + Dice (instrument, target) + Tversky (instrument) + clDice (instrument) + tip heatmap BCE."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("class_weight", torch.tensor([1.0, cfg.instrument_ce_weight, 1.0]))
+
+    def forward(
+        self, logits: torch.Tensor, tip_logits: torch.Tensor | None, labels: torch.Tensor, tip: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        weight = self.class_weight
+        assert isinstance(weight, torch.Tensor)
+        ce = F.cross_entropy(logits, labels, weight=weight)
+        prob = torch.softmax(logits, dim=1)
+        inst_t = (labels == INSTRUMENT).float()
+        targ_t = (labels == TARGET).float()
+        p_inst, p_targ = prob[:, INSTRUMENT], prob[:, TARGET]
+        dice = 0.5 * (soft_dice(p_inst, inst_t) + soft_dice(p_targ, targ_t))
+        tv = tversky(p_inst, inst_t, cfg.tversky_alpha, cfg.tversky_beta)
+        cl = soft_cldice(p_inst[:, None], inst_t[:, None]) if cfg.w_cldice > 0 else torch.zeros(())
+        if tip_logits is not None and cfg.w_tip > 0:
+            tip_w = 1.0 + 30.0 * tip
+            tip_loss = F.binary_cross_entropy_with_logits(tip_logits, tip, weight=tip_w)
+        else:
+            tip_loss = torch.zeros(())
+        total = (
+            cfg.w_ce * ce + cfg.w_dice * dice + cfg.w_tversky * tv + cfg.w_cldice * cl + cfg.w_tip * tip_loss
+        )
+        parts = {
+            "loss": float(total.detach()),
+            "ce": float(ce.detach()),
+            "dice": float(dice.detach()),
+            "tversky": float(tv.detach()),
+            "cldice": float(cl.detach()),
+            "tip": float(tip_loss.detach()),
+        }
+        return total, parts
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def dice_score(pred: npt.NDArray[np.bool_], true: npt.NDArray[np.bool_]) -> float:
+    """Dice of two boolean masks; NaN when both are empty (undefined, not perfect)."""
+    s = int(pred.sum()) + int(true.sum())
+    return math.nan if s == 0 else 2.0 * int(np.logical_and(pred, true).sum()) / s
+
+
+@torch.no_grad()
+def validate(model: nn.Module, samples: Sequence[Sample], batch: int = 8) -> dict[str, float]:
+    """Pooled Dice of instrument and target over ``samples`` (pixel counts summed over frames)."""
+    model.eval()
+    inter = np.zeros(3)
+    total = np.zeros(3)
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        x = torch.from_numpy(np.stack([s.image for s in chunk])[:, None])
+        pred = model(x).argmax(1).numpy().astype(np.uint8)
+        true = np.stack([s.labels for s in chunk])
+        for c in (INSTRUMENT, TARGET):
+            inter[c] += np.logical_and(pred == c, true == c).sum()
+            total[c] += (pred == c).sum() + (true == c).sum()
+    return {
+        "val_instrument_dice": float(2 * inter[INSTRUMENT] / max(total[INSTRUMENT], 1)),
+        "val_target_dice": float(2 * inter[TARGET] / max(total[TARGET], 1)),
+    }
+
+
+# ------------------------------------------------------------------------------------------- training
+def _lr_factor(progress: float, warmup: float) -> float:
+    if progress < warmup:
+        return max(progress / max(warmup, 1e-9), 0.02)
+    p = (progress - warmup) / max(1.0 - warmup, 1e-9)
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+
+class _Ema:
+    """Exponential moving average of parameters and buffers (BatchNorm statistics copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for pe, pm in zip(self.model.parameters(), model.parameters(), strict=True):
+            pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
+        for be, bm in zip(self.model.buffers(), model.buffers(), strict=True):
+            be.copy_(bm)
+
+
+ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: Path | None = None,
+    *,
+    progress: bool = True,
+    name: str = DEFAULT_MODEL_NAME,
+) -> TrainResult:
+    """Train a model; with ``out_dir`` write checkpoints, history and the ONNX asset + card there.
+
+    Returns the EMA model in eval mode (the one exported), the number of steps, wall time and history.
+    """
+    if cfg.steps is None and cfg.minutes <= 0:
+        raise TrainingError("give a positive --minutes or --steps")
+    seed_everything(cfg.seed, cfg.threads)
+    modalities = available_modalities(cfg.modalities)
+    if not modalities:
+        raise TrainingError(f"none of the phantoms {', '.join(cfg.modalities)} is available")
+    model = build_model(cfg.model)
+    stride = model.stride
+    if cfg.crop % stride or cfg.image_size % stride:
+        raise TrainingError(f"crop and image size must be multiples of {stride}")
+    sampler = PhantomSampler(cfg, modalities, cfg.seed)
+    val = validation_set(cfg, modalities) if cfg.val_every > 0 else []
+    loss_fn = SegmentationLoss(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = _Ema(model, cfg.ema_decay)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    budget_s = cfg.minutes * 60.0
+    history: list[dict[str, float]] = []
+    best: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    bar = _progress_bar(cfg, progress)
+    t0 = time.monotonic()
+    step = 0
+    running: dict[str, float] = {}
+    logger.info(
+        "Training on %s: %s, %.3f GMAC/frame at %dx%d",
+        ", ".join(modalities),
+        f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.minutes:g} min",
+        count_macs(model, (1, cfg.model.in_channels, cfg.image_size, cfg.image_size)) / 1e9,
+        cfg.image_size,
+        cfg.image_size,
+    )
+    try:
+        while True:
+            elapsed = time.monotonic() - t0
+            frac = step / cfg.steps if cfg.steps is not None else elapsed / budget_s
+            if frac >= 1.0:
+                break
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(frac, cfg.warmup_frac)
+            model.train()
+            x, y, tip = sampler.batch()
+            logits, tip_logits = model.forward_with_aux(x)
+            loss, parts = loss_fn(logits, tip_logits, y, tip)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            ema.update(model)
+            step += 1
+            for k, v in parts.items():
+                running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
+            if bar is not None:
+                bar.set_postfix(loss=f"{running['loss']:.3f}", dice=f"{running['dice']:.3f}", refresh=False)
+                bar.update(1 if cfg.steps is not None else round(time.monotonic() - t0 - bar.n, 1))
+            last = cfg.steps is not None and step >= cfg.steps
+            if cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
+                rec = {
+                    "step": float(step),
+                    "seconds": time.monotonic() - t0,
+                    **running,
+                    **validate(ema.model, val),
+                }
+                history.append(rec)
+                score = rec["val_instrument_dice"] + rec["val_target_dice"]
+                if not best or score > best["val_instrument_dice"] + best["val_target_dice"]:
+                    best = rec
+                    best_state = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
+                logger.info(
+                    "step %d: loss %.3f val instrument Dice %.3f target Dice %.3f",
+                    step,
+                    running["loss"],
+                    rec["val_instrument_dice"],
+                    rec["val_target_dice"],
+                )
+                if out_dir is not None:
+                    torch.save(ema.model.state_dict(), out_dir / "last.pt")
+                    (out_dir / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.monotonic() - t0
+    final = ema.model
+    if cfg.val_every > 0 and val:
+        rec = {"step": float(step), "seconds": seconds, **running, **validate(final, val)}
+        if not history or history[-1]["step"] != step:
+            history.append(rec)
+        score = rec["val_instrument_dice"] + rec["val_target_dice"]
+        if best and best_state is not None and score < best["val_instrument_dice"] + best["val_target_dice"]:
+            final.load_state_dict(best_state)
+        else:
+            best = rec
+    final.eval()
+    result = TrainResult(
+        model=final,  # type: ignore[arg-type]
+        steps=step,
+        seconds=seconds,
+        history=tuple(history),
+        best_metrics=best,
+        modalities=modalities,
+        out_dir=out_dir,
+    )
+    if out_dir is not None:
+        save_run(result, cfg, out_dir, name=name, sequences_used=sampler.sequences_used)
+    return result
+
+
+def _progress_bar(cfg: TrainConfig, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    if cfg.steps is not None:
+        return tqdm(total=cfg.steps, unit="step", file=sys.stderr, desc="train", dynamic_ncols=True)
+    return tqdm(
+        total=round(cfg.minutes * 60.0, 1), unit="s", file=sys.stderr, desc="train", dynamic_ncols=True
+    )
+
+
+def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) -> dict[str, Any]:
+    """The ``training`` block of the model card."""
+    return {
+        "data": (
+            "procedurally simulated phantom sequences (guidance.phantoms: "
+            + ", ".join(result.modalities)
+            + "), each with its own configuration drawn from its seed; no patient data"
+        ),
+        "modalities": list(result.modalities),
+        "train_seed_range": list(TRAIN_SEED_RANGE),
+        "validation_seed_base": VALIDATION_SEED_BASE,
+        "sequences_used": sequences_used,
+        "frames_seen": result.steps * cfg.batch_size,
+        "steps": result.steps,
+        "wall_seconds": round(result.seconds, 1),
+        "hardware": f"CPU, {cfg.threads} threads",
+        "seed": cfg.seed,
+        "recipe": {
+            "optimizer": f"AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, "
+            f"warm-up {cfg.warmup_frac:g} then cosine",
+            "batch": cfg.batch_size,
+            "crop": cfg.crop,
+            "image_size": cfg.image_size,
+            "ema_decay": cfg.ema_decay,
+            "loss": (
+                f"{cfg.w_ce:g}*CE(instrument weight {cfg.instrument_ce_weight:g}) "
+                f"+ {cfg.w_dice:g}*Dice(instrument, target) "
+                f"+ {cfg.w_tversky:g}*Tversky(instrument, a={cfg.tversky_alpha:g}, b={cfg.tversky_beta:g}) "
+                f"+ {cfg.w_cldice:g}*clDice(instrument) + {cfg.w_tip:g}*tip-heatmap BCE (training-only head)"
+            ),
+            "sampling": (
+                f"instrument frames p={cfg.needle_fraction:g}; crops centred on instrument "
+                f"p={cfg.crop_on_instrument:g}, on target p={cfg.crop_on_target:g}"
+            ),
+            "augmentation": "affine (rotation +-12 deg US / +-25 deg fluoro, zoom 0.8-1.3, shift 8%), "
+            "h-flip (+ v-flip fluoro), gamma 0.7-1.5, gain 0.7-1.3, offset +-0.06, blur p=0.3, "
+            "multiplicative and additive noise p=0.5, crops",
+            "config": cfg.to_dict(),
+        },
+        "validation": result.best_metrics,
+    }
+
+
+def save_run(
+    result: TrainResult,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    name: str = DEFAULT_MODEL_NAME,
+    sequences_used: int = 0,
+    evaluation: dict[str, Any] | None = None,
+    limits: Sequence[str] = (),
+) -> tuple[Path, Path]:
+    """Write ``<name>.pt`` (state_dict), ``<name>.onnx`` and ``<name>.json`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(result.model.state_dict(), out_dir / f"{name}.pt")
+    (out_dir / "history.json").write_text(json.dumps(list(result.history), indent=1), encoding="utf-8")
+    info = CardInfo(
+        name=name,
+        version=time.strftime("%Y.%m.%d", time.gmtime()) + f"-s{cfg.seed}",
+        training=training_card(cfg, result, sequences_used),
+        evaluation=evaluation or {},
+        limits=tuple(limits) or DEFAULT_LIMITS,
+    )
+    return export_model_asset(result.model, out_dir, info, height=cfg.image_size, width=cfg.image_size)
+
+
+DEFAULT_LIMITS: tuple[str, ...] = (
+    "Trained only on simulated phantoms; never validated on patient images.",
+    "One straight needle-like instrument per frame; curved catheters, guidewires and multiple instruments "
+    "are out of distribution.",
+    "Single-frame input: no temporal context; flicker is left to the interpretation's tip filter.",
+    "Fixed 256x256 input: frames are stretched to it, so very non-square frames lose thin-structure detail.",
+)
+
+
+def load_trained(path: Path, config: UNetConfig | None = None) -> UNet:
+    """Load a ``.pt`` state_dict (written by :func:`save_run`) into a fresh model in eval mode."""
+    model = build_model(config or UNetConfig())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

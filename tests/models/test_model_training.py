@@ -1,0 +1,121 @@
+"""Training: loss goes down, runs are reproducible from a seed, the exported ONNX matches torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("guidance.phantoms")
+
+from engines.models.unet import TINY_CONFIG  # noqa: E402
+from guidance import training  # noqa: E402
+
+TINY = training.TrainConfig(
+    modalities=("us",),
+    steps=3,
+    seed=1,
+    batch_size=4,
+    crop=32,
+    image_size=64,
+    model=TINY_CONFIG,
+    pool_size=3,
+    val_every=0,
+    threads=1,
+)
+
+
+def test_model_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
+    training.seed_everything(0, threads=1)
+    cfg = dataclasses.replace(TINY, batch_size=6)
+    sampler = training.PhantomSampler(cfg, ("us",), seed=0)
+    x, y, tip = sampler.batch()
+    model = training.build_model(TINY_CONFIG)
+    loss_fn = training.SegmentationLoss(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def loss_now() -> float:
+        # Train-mode BatchNorm (batch statistics): running statistics need far more than 15 steps.
+        model.train()
+        with torch.no_grad():
+            logits, tip_logits = model.forward_with_aux(x)
+            return float(loss_fn(logits, tip_logits, y, tip)[0])
+
+    before = loss_now()
+    model.train()
+    for _ in range(15):
+        logits, tip_logits = model.forward_with_aux(x)
+        loss, parts = loss_fn(logits, tip_logits, y, tip)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(parts) == {"loss", "ce", "dice", "tversky", "cldice", "tip"}
+    assert loss_now() < 0.8 * before
+
+
+def test_model_training_is_deterministic_from_seed_and_exports_matching_onnx(tmp_path: Path) -> None:
+    a = training.train(TINY, tmp_path / "a", progress=False, name="m")
+    b = training.train(TINY, None, progress=False)
+    c = training.train(dataclasses.replace(TINY, seed=2), None, progress=False)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert a.steps == b.steps == 3
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+    # The run folder holds weights, ONNX and a card; ONNX agrees with torch within 1e-4 on the logits.
+    card = json.loads((tmp_path / "a" / "m.json").read_text())
+    assert card["training"]["steps"] == 3
+    assert card["training"]["seed"] == 1
+    assert card["input"]["height"] == 64
+    x = np.random.default_rng(5).random((1, 1, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "a" / "m.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(["logits"], {"image": x})[0]
+    with torch.no_grad():
+        ref = a.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+    reloaded = training.load_trained(tmp_path / "a" / "m.pt", TINY_CONFIG)
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(torch.from_numpy(x)).numpy(), ref)
+
+
+def test_model_training_losses_behave() -> None:
+    target = torch.zeros(1, 1, 16, 16)
+    target[0, 0, 8, 2:14] = 1.0
+    assert float(training.soft_cldice(target, target)) < 1e-3
+    assert float(training.soft_dice(target, target)) < 1e-3
+    assert float(training.tversky(torch.zeros_like(target), target, 0.3, 0.7)) > 0.85
+    # Tversky with beta > alpha punishes a miss more than a false alarm of the same size.
+    half = target.clone()
+    half[0, 0, 8, 8:] = 0.0
+    extra = target.clone()
+    extra[0, 0, 9, 2:8] = 1.0
+    assert float(training.tversky(half, target, 0.3, 0.7)) > float(training.tversky(extra, target, 0.3, 0.7))
+
+
+def test_model_training_seed_ranges_are_disjoint_from_evaluation() -> None:
+    from guidance import evaluation
+
+    cfg = evaluation.EvalConfig()
+    held = [s for i in range(len(cfg.modalities)) for s in evaluation.heldout_seeds(cfg, i)]
+    lo, hi = training.TRAIN_SEED_RANGE
+    assert all(not lo <= s < hi for s in held)
+    val = range(training.VALIDATION_SEED_BASE, training.VALIDATION_SEED_BASE + 10_000)
+    assert all(s not in val for s in held)
+
+
+def test_model_augment_keeps_labels_aligned() -> None:
+    from guidance.phantoms import make_phantom
+
+    ph = make_phantom("us", seed=3, width=64, height=64, needle=True)
+    frame = next(f for f in (ph.frame(i) for i in range(0, 600, 10)) if f.instrument_present)
+    rng = np.random.default_rng(0)
+    s = training.augment(frame, rng, dataclasses.replace(TINY, crop=64))
+    assert s.image.shape == s.labels.shape == s.tip.shape == (64, 64)
+    assert s.image.dtype == np.float32
+    assert set(np.unique(s.labels)) <= {0, 1, 2}
+    assert 0.0 <= float(s.image.min()) <= float(s.image.max()) <= 1.0

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("guidance.phantoms")
 
-from engines.models.unet import TINY_CONFIG  # noqa: E402
+from engines.models.unet import TINY_CONFIG, build_model  # noqa: E402
 from guidance import training  # noqa: E402
 
 TINY = training.TrainConfig(
@@ -35,7 +35,7 @@ def test_model_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
     cfg = dataclasses.replace(TINY, batch_size=6)
     sampler = training.PhantomSampler(cfg, ("us",), seed=0)
     x, y, tip = sampler.batch()
-    model = training.build_model(TINY_CONFIG)
+    model = build_model(TINY_CONFIG)
     loss_fn = training.SegmentationLoss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 

@@ -69,6 +69,16 @@ class UiSettings:
     theme: str = "dark"
     paint_hz: float = 60.0
     show_trajectory: bool = True
+    recordings_dir: str = ""  # empty: ~/Guidance/recordings
+
+
+def recordings_dir(settings: Settings) -> Path:
+    """Where the app writes recordings (R key)."""
+    return (
+        Path(settings.ui.recordings_dir).expanduser()
+        if settings.ui.recordings_dir
+        else Path.home() / "Guidance" / "recordings"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,21 @@ class Interpretation:
 
 EMPTY_INTERPRETATION = Interpretation(instrument=None, target=None)
 
+#: Jitter allowance when judging an overlay stale, as a fraction of the budget.
+STALE_TOLERANCE = 0.25
+
+
+def overlay_is_stale(age_ms: float, budget_ms: float) -> bool:
+    """Whether an overlay ``age_ms`` older than the picture it is drawn on should be shown as stale.
+
+    ``age_ms`` is the difference between the receive times of the painted frame and of the result's
+    frame. The picture is painted the moment it arrives, so while the AI keeps its budget (one frame
+    interval by default) the overlay is routinely one frame behind: that is *lagging*, shown with its age.
+    It is *stale* once it is older than the budget plus a 25 % allowance for arrival jitter, so one frame of
+    lag at the default budget never flickers between the two.
+    """
+    return budget_ms > 0 and age_ms > budget_ms * (1.0 + STALE_TOLERANCE)
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class GuidanceResult:

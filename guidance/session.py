@@ -24,7 +24,7 @@ from guidance.latency import LatencyMonitor, RateMeter
 from guidance.pipeline import LATENCY_NAMES, InferenceWorker, default_budget_ms
 from guidance.recorder import Recorder, RecorderStats
 from guidance.result_sender import ResultSender
-from guidance.results import GuidanceResult
+from guidance.results import GuidanceResult, overlay_is_stale
 from guidance.simulator import SimulatedScanner
 from guidance.slots import LatestSlot
 from streaming.frame import Frame
@@ -228,6 +228,11 @@ class LiveSession:
             payload = zlib.compress(result.labels.tobytes(), 1)  # level 1: ~0.2 ms at 256x256, 50x smaller
             recorder.submit_result(result.seq, result.frame.receive_ns, payload, LABELS_ENCODING)
 
+    @property
+    def recording_path(self) -> Path | None:
+        recorder = self.recorder
+        return recorder.path if recorder is not None else None
+
     def add_marker(self, label: str) -> bool:
         """Add a marker to the running recording; False when nothing is being recorded."""
         if self.recorder is None:
@@ -260,17 +265,20 @@ class LiveSession:
         return self.results.peek()
 
     def mark_painted(self, frame_seq: int, now_ns: int | None = None) -> None:
-        """Record display latency for a painted frame (and whether its overlay was stale)."""
+        """Record display latency for a painted frame, and whether the overlay drawn on it was stale
+        (same rule as the painter: :func:`guidance.results.overlay_is_stale`)."""
         now = time.perf_counter_ns() if now_ns is None else now_ns
         frame = self.display.peek()
         if frame is not None and frame.seq == frame_seq:
             self.monitor.record_ns("receive_to_paint", now - frame.receive_ns)
         result = self.results.peek()
-        if result is not None:
-            if result.seq == frame_seq:
-                self.monitor.record_ns("result_to_paint", now - result.times.published)
-            if result.age_ms(now) > result.budget_ms:
-                self._stale_paints += 1
+        if result is None:
+            return
+        if result.seq == frame_seq:
+            self.monitor.record_ns("result_to_paint", now - result.times.published)
+        elif frame is not None and frame.seq == frame_seq and not self.synchronised:
+            age_ms = (frame.receive_ns - result.frame.receive_ns) / 1e6
+            self._stale_paints += overlay_is_stale(age_ms, result.budget_ms)
 
     @property
     def source(self) -> str:

@@ -29,7 +29,7 @@ from PySide6.QtCore import QPointF, Qt
 from PySide6.QtGui import QColor, QFont, QPen
 from PySide6.QtWidgets import QLabel, QWidget
 
-from guidance.results import GuidanceResult, Polygon
+from guidance.results import GuidanceResult, Polygon, overlay_is_stale
 from streaming.frame import Frame
 from ui import theme
 
@@ -82,7 +82,7 @@ def plan_paint(
         return PaintPlan(shown, result, OverlayState.CURRENT, 0.0)
     age_ms = (frame.receive_ns - result.frame.receive_ns) / 1e6
     budget = budget_ms if budget_ms > 0 else result.budget_ms
-    state = OverlayState.STALE if budget > 0 and age_ms > budget else OverlayState.LAGGING
+    state = OverlayState.STALE if overlay_is_stale(age_ms, budget) else OverlayState.LAGGING
     return PaintPlan(frame, result, state, age_ms)
 
 

@@ -27,7 +27,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from guidance.config import recordings_dir
 from guidance.results import GuidanceResult
+from streaming.recording import RecordingError
 from streaming.frame import Frame
 from ui import theme
 from ui.image_view import ImageView, OverlayState, PaintPlan, plan_paint
@@ -79,6 +81,7 @@ class MainWindow(QMainWindow):
 
     def __init__(self, session: SessionView, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self._markers = 0
         self.session = session
         self.setObjectName("mainWindow")
         self.setWindowTitle("Guidance")
@@ -160,7 +163,9 @@ class MainWindow(QMainWindow):
         self.chip_sync = self._chip("SYNC", "Synchronised: each frame only with its own result (S)")
         self.chip_traj = self._chip("PATH", "Projected trajectory shown (T)")
         self.chip_frozen = self._chip("FROZEN", "Display frozen (Space)")
-        for chip in (self.chip_sync, self.chip_traj, self.chip_frozen):
+        self.chip_rec = self._chip("● REC", "Recording the live stream (R to stop, M for a marker)")
+        self.chip_rec.setObjectName("recChip")
+        for chip in (self.chip_sync, self.chip_traj, self.chip_frozen, self.chip_rec):
             chips.addWidget(chip)
         chips.addStretch(1)
         col.addLayout(chips)
@@ -202,7 +207,7 @@ class MainWindow(QMainWindow):
         col.addWidget(card)
 
         col.addStretch(1)
-        hint = QLabel("F11 full screen · S sync · T path\nSpace freeze · Ctrl+Q quit")
+        hint = QLabel("F11 full screen · S sync · T path · Space freeze\nR record · M marker · Ctrl+Q quit")
         hint.setObjectName("detail")
         hint.setWordWrap(True)
         hint.setStyleSheet(f"color: {theme.TEXT_DIM}; font-size: 9pt;")
@@ -441,16 +446,43 @@ class MainWindow(QMainWindow):
             self._last_frame = self._last_result = None  # repaint at once on unfreeze
 
     def start_recording(self) -> None:
-        self.statusBar().showMessage("Recording is not available yet in this build.", 4000)
+        """R: start recording the live stream, or stop the running recording."""
+        if self.session.recording_path is not None:
+            path = self.session.recording_path
+            stats = self.session.stop_recording()
+            lost = f", {stats.dropped} dropped" if stats is not None and stats.dropped else ""
+            saved = f"{stats.written:,} messages{lost}" if stats is not None else "saved"
+            self.statusBar().showMessage(f"Recording saved: {path} ({saved})", 8000)
+        else:
+            folder = recordings_dir(self.session.settings)
+            path = folder / time.strftime("session-%Y%m%d-%H%M%S.mcap")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.session.start_recording(path)
+            except (OSError, RecordingError, RuntimeError) as exc:
+                self.report_error(f"Could not start recording: {exc}")
+                return
+            self._markers = 0
+            self.statusBar().showMessage(f"Recording to {path}  (R stops, M adds a marker)", 8000)
+        self._update_mode_chips()
 
     def add_marker(self) -> None:
-        self.statusBar().showMessage("Markers are not available yet (they need the recorder).", 4000)
+        """M: drop a numbered marker into the running recording."""
+        self._markers += 1
+        if self.session.add_marker(f"marker {self._markers}"):
+            self.statusBar().showMessage(f"Marker {self._markers} added", 3000)
+        else:
+            self._markers -= 1
+            self.statusBar().showMessage(
+                "Not recording: press R to start a recording, then M for markers.", 4000
+            )
 
     def _update_mode_chips(self) -> None:
         for chip, active in (
             (self.chip_sync, self.synchronised),
             (self.chip_traj, self.view.show_trajectory),
             (self.chip_frozen, self.frozen),
+            (self.chip_rec, self.session.recording_path is not None),
         ):
             value = "true" if active else "false"
             if chip.property("active") != value:

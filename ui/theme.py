@@ -97,6 +97,9 @@ QLabel#metricValue {{ color: {TEXT}; font-size: 13pt; font-weight: 600; }}
 QLabel#modeChip {{ color: {TEXT_DIM}; font-size: 10pt; font-weight: 700; border: 1px solid {PANEL_BORDER};
     border-radius: 8px; padding: 3px 8px; }}
 QLabel#modeChip[active="true"] {{ color: {BACKGROUND}; background: {ACCENT}; border-color: {ACCENT}; }}
+QLabel#recChip {{ color: {TEXT_DIM}; font-size: 10pt; font-weight: 700; border: 1px solid {PANEL_BORDER};
+    border-radius: 6px; padding: 3px 8px; }}
+QLabel#recChip[active="true"] {{ color: white; background: #d32f2f; border-color: #d32f2f; }}
 QLabel#badge {{ color: {BACKGROUND}; background: {COLOURS.stale}; font-size: 14pt; font-weight: 800;
     border-radius: 6px; padding: 4px 10px; }}
 QLabel#badge[state="stale"] {{ background: {COLOURS.warn}; }}

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from engines.base import EngineError
 from guidance.cli import CommandError
 from guidance.config import SettingsError, load_settings
 from guidance.frontend import FrontendOptions, FrontendUnavailable, load_frontend
@@ -67,7 +68,10 @@ def _run(args: argparse.Namespace, overrides: dict[str, Any], simulate: bool) ->
         raise CommandError(str(exc)) from exc
     session = LiveSession(settings, simulate=simulate)
     options = FrontendOptions(frames=args.frames, screenshot=args.screenshot, fullscreen=args.fullscreen)
-    return frontend(session, options)
+    try:
+        return frontend(session, options)
+    except (EngineError, OSError) as exc:  # e.g. a named backend missing, a port in use
+        raise CommandError(str(exc)) from exc
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
@@ -92,3 +93,42 @@ def test_ui_run_app_on_live_session(qtbot: QtBot, tmp_path: Path) -> None:
     assert not QImage(str(shot)).isNull()
     assert session.stats().frames_received >= 15
     assert not [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow)]
+
+
+def test_ui_record_and_marker_keys_write_a_recording(qtbot: QtBot, tmp_path: Path) -> None:
+    """R starts a real recording of the live stream, M drops markers, R again stops and saves it."""
+    import dataclasses
+
+    from streaming.recording import RecordingReader
+
+    settings = _settings()
+    settings = dataclasses.replace(
+        settings, ui=dataclasses.replace(settings.ui, recordings_dir=str(tmp_path))
+    )
+    session = LiveSession(settings, simulate=True)
+    window = MainWindow(session)
+    qtbot.addWidget(window)
+    window.show()
+    session.start()
+    window.start_timers()
+    try:
+        qtbot.waitUntil(lambda: session.latest_frame() is not None, timeout=10_000)
+        window.activateWindow()
+        qtbot.keyClick(window, Qt.Key.Key_R)
+        assert session.recording_path is not None
+        assert window.chip_rec.property("active") == "true"
+        qtbot.keyClick(window, Qt.Key.Key_M)
+        assert "Marker 1 added" in window.statusBar().currentMessage()
+        start = session.stats().frames_received
+        qtbot.waitUntil(lambda: session.stats().frames_received >= start + 10, timeout=10_000)
+        qtbot.keyClick(window, Qt.Key.Key_R)
+        assert session.recording_path is None
+        assert "Recording saved" in window.statusBar().currentMessage()
+    finally:
+        window.stop_timers()
+        session.stop()
+    files = list(tmp_path.glob("session-*.mcap"))
+    assert len(files) == 1
+    rec = RecordingReader(files[0]).open()
+    assert [m.label for m in rec.markers] == ["marker 1"]
+    assert sum(1 for _ in rec.frames()) >= 10

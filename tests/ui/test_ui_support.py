@@ -4,6 +4,8 @@ use the real ``guidance.session.LiveSession``.)"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,6 +151,18 @@ class ScriptedSession:
 
     def report_error(self, message: str) -> None:
         self.fake_stats.last_error = message
+
+    # Recording is exercised for real in test_ui_live.py; this scripted session is never recording.
+    recording_path = None
+
+    def start_recording(self, path: Path, metadata: object = None) -> object:
+        raise RuntimeError("the scripted session has no stream to record")
+
+    def stop_recording(self) -> None:
+        return None
+
+    def add_marker(self, label: str) -> bool:
+        return False
 
 
 def window_pixel(w: MainWindow, x: float, y: float) -> QColor:

@@ -211,10 +211,11 @@ def test_ui_shortcuts_toggle_state(window: MainWindow, session: ScriptedSession,
     assert window.isFullScreen()
     qtbot.keyClick(window, Qt.Key.Key_F11)
     assert not window.isFullScreen()
-    qtbot.keyClick(window, Qt.Key.Key_R)
-    assert "not available yet" in window.statusBar().currentMessage()
     qtbot.keyClick(window, Qt.Key.Key_M)
-    assert "not available yet" in window.statusBar().currentMessage()
+    assert "Not recording" in window.statusBar().currentMessage()
+    qtbot.keyClick(window, Qt.Key.Key_R)  # the scripted session cannot record: a plain-words error
+    qtbot.waitUntil(lambda: "Could not start recording" in window.error_label.text())
+    assert window.chip_rec.property("active") != "true"
     qtbot.keyClick(window, Qt.Key.Key_Q, Qt.KeyboardModifier.ControlModifier)
     qtbot.waitUntil(lambda: not window.isVisible())
     assert window.closed_flag

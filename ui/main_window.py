@@ -29,8 +29,8 @@ from PySide6.QtWidgets import (
 
 from guidance.config import recordings_dir
 from guidance.results import GuidanceResult
-from streaming.recording import RecordingError
 from streaming.frame import Frame
+from streaming.recording import RecordingError
 from ui import theme
 from ui.image_view import ImageView, OverlayState, PaintPlan, plan_paint
 from ui.session_api import SessionView, StatsView

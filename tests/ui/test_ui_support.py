@@ -4,11 +4,10 @@ use the real ``guidance.session.LiveSession``.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np

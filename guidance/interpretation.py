@@ -314,6 +314,10 @@ class Interpreter:
         entry, raw_tip = (a, b) if a_is_entry else (b, a)
         direction = forward if a_is_entry else (-vx, -vy)
         self._prev_dir = direction
+        centerline: npt.NDArray[np.float32] | None = None
+        curved = float(np.percentile(perp[inl], 98)) > 3.5 or t_in.size < 0.9 * n_px
+        if curved:  # a curved catheter / guidewire: follow the mask, not the chord
+            entry, raw_tip, direction, centerline = self._curved(pts, t, perp, tol, a_is_entry)
 
         tip = raw_tip
         if self._filter is not None and self.tip_filter is not None:
@@ -355,8 +359,47 @@ class Interpreter:
             length_mm=_mm(raw_tip[0] - entry[0], raw_tip[1] - entry[1], spacing),
             confidence=conf,
             trajectory_end_px=_ray_exit(tip, direction, w, h),
-            centerline_px=np.array([entry, raw_tip], dtype=np.float32),
+            centerline_px=centerline if centerline is not None else np.array([entry, raw_tip], np.float32),
         )
+
+    @staticmethod
+    def _curved(
+        pts: npt.NDArray[np.float32],
+        t: npt.NDArray[np.float32],
+        perp: npt.NDArray[np.float32],
+        tol: float,
+        a_is_entry: bool,
+    ) -> tuple[Point, Point, Point, npt.NDArray[np.float32]]:
+        """Entry, tip, local tip direction and an ordered centreline of a curved instrument mask."""
+        span = float(t.max() - t.min())
+        band = perp <= max(tol, 0.3 * span)
+        p = pts[band]
+        tt = t[band] if a_is_entry else -t[band]
+        lo, hi = float(tt.min()), float(tt.max())
+        near_tip = tt >= hi - 2.0
+        near_entry = tt <= lo + 2.0
+        tip = (float(p[near_tip, 0].mean()), float(p[near_tip, 1].mean()))
+        entry = (float(p[near_entry, 0].mean()), float(p[near_entry, 1].mean()))
+        bins = ((tt - lo) / 6.0).astype(np.intp)
+        cnt = np.bincount(bins)
+        keep = cnt > 0
+        mx = np.bincount(bins, weights=p[:, 0])[keep] / cnt[keep]
+        my = np.bincount(bins, weights=p[:, 1])[keep] / cnt[keep]
+        line = np.vstack([[entry], np.stack([mx, my], axis=1)[1:-1], [tip]]).astype(np.float32)
+        # local direction at the tip: from the centreline point ~10 px back; then re-find the tip as the
+        # extreme of the pixels near it along that local direction (the chord's extreme is biased towards
+        # the outside of the bend)
+        back = line[:-1][np.hypot(line[:-1, 0] - tip[0], line[:-1, 1] - tip[1]) >= 10.0]
+        ref = back[-1] if len(back) else line[0]
+        dx, dy = tip[0] - float(ref[0]), tip[1] - float(ref[1])
+        n = math.hypot(dx, dy) or 1.0
+        near = np.hypot(p[:, 0] - tip[0], p[:, 1] - tip[1]) <= 12.0
+        q = p[near]
+        along = (q[:, 0] - tip[0]) * dx / n + (q[:, 1] - tip[1]) * dy / n
+        ends = q[along >= float(along.max()) - 1.5]
+        tip = (float(ends[:, 0].mean()), float(ends[:, 1].mean()))
+        line[-1] = tip
+        return entry, tip, (dx / n, dy / n), line
 
     @staticmethod
     def _ray_hits(tgt: npt.NDArray[np.uint8], tip: Point, d: Point, w: int, h: int) -> bool:

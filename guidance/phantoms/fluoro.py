@@ -36,6 +36,7 @@ from guidance.phantoms.base import (
     PointF,
     axis_angle_deg,
     fill_polygon,
+    fill_segment,
     irregular_blob,
     smoothstep,
 )
@@ -162,6 +163,15 @@ def _draw_polyline(
 ) -> None:
     ip = np.round(pts * 16.0).astype(np.int32).reshape(-1, 1, 2)
     cv2.polylines(dst, [ip], False, value, max(1, round(width)), cv2.LINE_8, 4)
+
+
+def _draw_shaft(dst: npt.NDArray[np.float32], pts: npt.NDArray[np.float64], width: float) -> None:
+    """Polyline of ``width`` whose far end is flat exactly at the last point (the tip), not a round cap."""
+    if len(pts) > 2:
+        _draw_polyline(dst, pts[:-1], width, 1.0)
+    a = (float(pts[-2, 0]), float(pts[-2, 1]))
+    b = (float(pts[-1, 0]), float(pts[-1, 1]))
+    fill_segment(dst, a, b, width, 1.0)
 
 
 class FluoroPhantom:
@@ -366,25 +376,16 @@ class FluoroPhantom:
                     [np.interp(s, self._arc, self._path[:, 0]), np.interp(s, self._arc, self._path[:, 1])], 1
                 )
                 layer = np.zeros((h, w), np.float32)
-                _draw_polyline(layer, pts, cfg.instrument_width_px, 1.0)
                 tip = self._point_at(s_tip)
-                cv2.circle(
-                    layer,
-                    (round(tip[0] * 16), round(tip[1] * 16)),
-                    round(cfg.instrument_width_px * 16),
-                    1.0,
-                    -1,
-                    cv2.LINE_8,
-                    4,
-                )
+                _draw_shaft(layer, pts, cfg.instrument_width_px)
                 lab_layer = layer > 0
                 mu += cfg.instrument_mu * layer
                 # radio-opaque tip marker: the last few px attenuate much more
                 s_mark = max(0.0, s_tip - 3.0 * cfg.instrument_width_px)
                 mark = pts[s >= s_mark]
-                if len(mark) >= 1:
+                if len(mark) >= 2:
                     mlayer = np.zeros((h, w), np.float32)
-                    _draw_polyline(mlayer, np.vstack([mark, [tip]]), cfg.instrument_width_px + 1, 1.0)
+                    _draw_shaft(mlayer, mark, cfg.instrument_width_px)
                     mu += cfg.tip_marker_mu * mlayer
                     lab_layer |= mlayer > 0
                 labels[lab_layer] = INSTRUMENT

@@ -40,7 +40,7 @@ def test_model_segment_folder_of_8_and_16_bit_images(tmp_path: Path, tiny_model:
     summary = json.loads((out / "results.json").read_text())
     assert [f["frame"] for f in summary["frames"]] == ["a", "b", "c"]
     for name, shape in (("a", (90, 120)), ("b", (70, 50)), ("c", (40, 40))):
-        lab = cv2.imread(str(out / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        lab = np.asarray(cv2.imread(str(out / f"{name}.png"), cv2.IMREAD_UNCHANGED))
         assert lab.shape == shape
         assert lab.dtype == np.uint8
         assert int(lab.max()) <= 2

@@ -446,3 +446,106 @@ def summary_lines(report: Mapping[str, Any]) -> Iterable[str]:
 
 def sequences_for(modalities: Sequence[str]) -> tuple[str, ...]:
     return tuple(modalities)
+
+
+# ------------------------------------------------------------------------------------------ card + figure
+def card_evaluation_block(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The model card's ``evaluation`` block from a report: figures, baseline, PLUS rate, targets met."""
+    plus = report.get("plus", {})
+    return {
+        "data": "held-out phantom sequences (seeds never used in training) + real PLUS recordings",
+        "heldout_seeds": report.get("heldout_seeds"),
+        "frames_per_sequence": report.get("config", {}).get("frames"),
+        "interpretation": report.get("interpretation"),
+        "model": report.get("model"),
+        "baseline_engine": report.get("baseline_engine"),
+        "baseline": report.get("baseline"),
+        "plus_false_detection_rate": {
+            "model": plus.get("model", {}).get("false_detection_rate"),
+            "baseline": plus.get("baseline", {}).get("false_detection_rate"),
+            "files": sorted(plus.get("model", {}).get("files", {})),
+        },
+        "targets": report.get("targets"),
+    }
+
+
+def attach_evaluation(card_path: Path, report: Mapping[str, Any]) -> None:
+    """Write the report's figures into the ``evaluation`` block of an existing model card (atomically)."""
+    import json
+    import os
+
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["evaluation"] = card_evaluation_block(report)
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, card_path)
+
+
+def _draw_contours(
+    canvas: npt.NDArray[np.uint8],
+    labels: npt.NDArray[np.uint8],
+    colors: Mapping[int, tuple[int, int, int]],
+    t: int,
+) -> None:
+    for cls, color in colors.items():
+        mask = (labels == cls).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(canvas, contours, -1, color, t, lineType=cv2.LINE_AA)
+
+
+def contour_grid(
+    make_engine: EngineFactory,
+    data: Mapping[str, list[list[PhantomFrame]]],
+    path: Path,
+    per_modality: int = 6,
+    tile: int = 256,
+) -> Path:
+    """A PNG grid: one row per modality; each tile a frame with true (green instrument / cyan target) and
+    predicted (red instrument / yellow target) contours, the true tip (green dot) and predicted tip (red)."""
+    rows = []
+    for modality, seqs in data.items():
+        engine = make_engine(modality)
+        tiles = []
+        try:
+            picks = [
+                seq[(k * 7) % len(seq)] for k, seq in zip(range(per_modality), _cycle(seqs), strict=False)
+            ]
+            for fr in picks:
+                out = engine.infer(fr.image)
+                from engines.models.preprocess import normalize
+
+                gray = (normalize(fr.image) * 255).astype(np.uint8)
+                canvas: npt.NDArray[np.uint8] = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), np.uint8)
+                _draw_contours(canvas, fr.labels, {INSTRUMENT: (0, 200, 0), TARGET: (255, 255, 0)}, 1)
+                _draw_contours(canvas, out.labels, {INSTRUMENT: (0, 0, 255), TARGET: (0, 220, 255)}, 1)
+                if fr.tip_px is not None:
+                    cv2.circle(canvas, (round(fr.tip_px[0]), round(fr.tip_px[1])), 3, (0, 255, 0), -1)
+                geo = simple_geometry(out.labels)
+                if geo.tip_px is not None:
+                    cv2.circle(canvas, (round(geo.tip_px[0]), round(geo.tip_px[1])), 3, (0, 0, 255), 1)
+                canvas = np.asarray(cv2.resize(canvas, (tile, tile), interpolation=cv2.INTER_AREA), np.uint8)
+                cv2.putText(
+                    canvas,
+                    f"{modality} #{fr.index}",
+                    (4, 14),
+                    cv2.FONT_HERSHEY_SIMPLEX,
+                    0.4,
+                    (255, 255, 255),
+                    1,
+                    cv2.LINE_AA,
+                )
+                tiles.append(canvas)
+        finally:
+            engine.close()
+        rows.append(np.hstack(tiles))
+    width = max(r.shape[1] for r in rows)
+    grid = np.vstack([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), grid):
+        raise OSError(f"cannot write {path}")
+    return path
+
+
+def _cycle(seqs: list[list[PhantomFrame]]) -> Iterable[list[PhantomFrame]]:
+    while True:
+        yield from seqs

@@ -30,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--plus-dir", type=Path, default=None, help="folder of PLUS recordings (default shared data)"
     )
     p.add_argument("--no-plus", action="store_true", help="skip the real PLUS recordings")
+    p.add_argument("--update-card", type=Path, default=None, help="write the figures into this model card")
+    p.add_argument(
+        "--grid", type=Path, default=None, help="also draw a PNG grid of predicted vs true contours"
+    )
     p.set_defaults(func=run)
 
 
@@ -51,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.update_card is not None:
+        evaluation.attach_evaluation(args.update_card, report)
+    if args.grid is not None:
+        factory = evaluation.registry_engine_factory(
+            args.engine, **({"model": args.model} if args.model else {})
+        )
+        evaluation.contour_grid(factory, evaluation.heldout_sequences(cfg), args.grid)
     for line in evaluation.summary_lines(report):
         sys.stderr.write(line + "\n")
     sys.stderr.write(f"report written to {args.json}\n")

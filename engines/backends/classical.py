@@ -307,7 +307,15 @@ class ClassicalEngine:
         den = cv2.blur(vmask.astype(np.float32), (k, k))
         local = num / np.maximum(den, 1e-3)
         ratio = smooth / np.maximum(local, 1.0)
-        cand = ((ratio < 0.78) & (vmask > 0)).astype(np.uint8)
+        # dark relative to the surroundings by more than 3 robust sigmas of this frame's own texture
+        # (speckle in ultrasound, quantum noise and anatomy in X-ray), and by at least 3 %
+        darkness_map = 1.0 - ratio
+        inside_vals = darkness_map[vmask > 0]
+        if inside_vals.size < 16:
+            return None
+        med = float(np.median(inside_vals))
+        sigma = 1.4826 * float(np.median(np.abs(inside_vals - med)))
+        cand = ((darkness_map > med + max(3.0 * sigma, 0.03)) & (vmask > 0)).astype(np.uint8)
         cand = np.asarray(cv2.morphologyEx(cand, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), dtype=np.uint8)
         n, comp, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
         best: npt.NDArray[np.float32] | None = None

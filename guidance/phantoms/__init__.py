@@ -12,10 +12,14 @@ from guidance.phantoms.base import Phantom, PhantomFrame
 from guidance.phantoms.fluoro import FluoroConfig, FluoroPhantom
 from guidance.phantoms.ultrasound import UltrasoundConfig, UltrasoundPhantom
 
+#: The ultrasound sequence description (the name issue #4 uses); :class:`FluoroConfig` is its X-ray twin.
+PhantomConfig = UltrasoundConfig
+
 __all__ = [
     "FluoroConfig",
     "FluoroPhantom",
     "Phantom",
+    "PhantomConfig",
     "PhantomFrame",
     "UltrasoundConfig",
     "UltrasoundPhantom",

@@ -10,13 +10,14 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from engines import registry
+from engines.backends.tensorrt_backend import BuildJob, BuildStatus
 from engines.base import EngineError, SegmentationEngine
 from guidance.config import Settings
 from guidance.dicom.from_recording import LABELS_ENCODING
@@ -51,6 +52,7 @@ class PipelineStats:
     last_error: str
     source: str
     engine_changes: tuple[str, ...] = ()
+    engine_note: str = ""  # background build progress, or the latest step-down/swap
     latency: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     last_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -70,6 +72,8 @@ class LiveSession:
         simulate: bool = True,
         engine: SegmentationEngine | None = None,
         max_frames: int | None = None,
+        background_build: Callable[[], BuildJob] | None = None,  # returns a *started* job
+        background_backend: str = "tensorrt",
     ) -> None:
         self.settings = settings
         self.simulate = simulate
@@ -86,6 +90,13 @@ class LiveSession:
         self.worker: InferenceWorker | None = None
         self.recorder: Recorder | None = None
         self._recording_since_ns = 0
+        # An accelerated engine built in the background (TensorRT) while a CPU engine serves frames.
+        self._build_factory = background_build
+        self._build_backend = background_backend
+        self.build_job: BuildJob | None = None
+        self.build_status = ""
+        self._build_lock = threading.Lock()
+        self._built_engine: SegmentationEngine | None = None
         self._connection = "idle"
         self._last_error = ""
         self._stale_paints = 0
@@ -100,8 +111,7 @@ class LiveSession:
         s = self.settings
         engine = self._engine
         if engine is None:
-            options = {"model": s.engine.model} if s.engine.model else {}
-            engine = registry.create(s.engine.backend, **options)
+            engine = self._initial_engine()
         engine.load()
         engine.warm_up()
         self._engine = engine
@@ -141,11 +151,80 @@ class LiveSession:
             fallbacks=self._fallbacks(engine),
         )
         self.worker.start()
+        self._start_background_build()
         self.client.start()
         self._started = True
         logger.info(
             "Session started: %s, engine %s, budget %.1f ms", self.source, self.worker.engine_label, budget
         )
+
+    def _engine_options(self) -> dict[str, Any]:
+        return {"model": self.settings.engine.model} if self.settings.engine.model else {}
+
+    def _initial_engine(self) -> SegmentationEngine:
+        """The engine to start with. A TensorRT engine may need minutes to build on first use: then the
+        session starts on the best CPU backend and swaps TensorRT in when the background build is ready."""
+        name = registry.resolve(self.settings.engine.backend)
+        if name != "tensorrt":
+            return registry.create(name, **self._engine_options())
+        from engines.backends.tensorrt_backend import start_background_build
+
+        model = self.settings.engine.model or None
+        self._build_factory = lambda: start_background_build(model)
+        cpu = (
+            "onnxruntime"
+            if any(b.name == "onnxruntime" and b.available for b in registry.backends())
+            else "classical"
+        )
+        logger.info("TensorRT engine will be built in the background; serving with %s meanwhile", cpu)
+        return registry.create(cpu, **self._engine_options())
+
+    def _start_background_build(self) -> None:
+        if self._build_factory is None:
+            return
+        try:
+            job = self._build_factory()
+        except EngineError as exc:
+            self.build_status = f"accelerated engine unavailable: {exc}"
+            self._last_error = self.build_status
+            return
+        self.build_job = job
+        job.subscribe(self._on_build_status)
+        # The job is already running: report where it is now (it may even have finished, e.g. when the
+        # engine was in the cache); later changes arrive through the subscription.
+        self._on_build_status(job.status())
+
+    def _on_build_status(self, status: BuildStatus) -> None:
+        """Runs on the build thread: report progress; when ready, load the engine and hand it over."""
+        if status.state == "building":
+            self.build_status = f"building {self._build_backend} engine: {status.phase} {status.progress:.0%}"
+            return
+        if status.state == "failed":
+            self.build_status = (
+                f"{self._build_backend} build failed, staying on the CPU engine: {status.message}"
+            )
+            self._last_error = self.build_status
+            return
+        if status.state != "ready":
+            self.build_status = f"{self._build_backend} build {status.state}"
+            return
+        with self._build_lock:
+            if self._built_engine is not None:  # ready reported twice
+                return
+            try:
+                engine = registry.create(self._build_backend, **self._engine_options())
+                engine.load()
+                engine.warm_up()
+            except EngineError as exc:
+                self.build_status = f"{self._build_backend} engine could not be loaded: {exc}"
+                self._last_error = self.build_status
+                return
+            self._built_engine = engine
+        self.build_status = f"{self._build_backend} engine ready ({status.precision or 'default precision'})"
+        if self.worker is not None:
+            self.worker.swap_engine(engine, f"{self._build_backend} engine built in the background")
+        else:  # the session stopped meanwhile
+            engine.close()
 
     def _fallbacks(self, primary: SegmentationEngine) -> tuple[SegmentationEngine, ...]:
         """Load the step-down engines named in the settings (skipping the primary's own backend)."""
@@ -167,6 +246,8 @@ class LiveSession:
         if not self._started:
             return
         self.stop_recording()
+        if self.build_job is not None:
+            self.build_job.stop()
         if self.client is not None:
             self.client.stop()
         if self.simulator is not None:
@@ -325,6 +406,7 @@ class LiveSession:
             last_error=(c.last_error if c and c.last_error else "") or self._last_error or client_err,
             source=self.source,
             engine_changes=c.engine_changes if c else (),
+            engine_note=self.build_status or (c.engine_changes[-1] if c and c.engine_changes else ""),
             latency=MappingProxyType({k: MappingProxyType(v) for k, v in summary.items()}),
             last_ms=MappingProxyType(last),
         )

@@ -384,7 +384,8 @@ class MainWindow(QMainWindow):
         for key in ("queue", "infer", "interpret"):
             m[key].setText(f"{_fmt_ms(last.get(key))} ms")
         m["budget"].setText(f"{_fmt_ms(stats.budget_ms)} ms")
-        self.engine_label.setText(stats.engine_label or "–")
+        note = stats.engine_note
+        self.engine_label.setText((stats.engine_label or "–") + (f"\n{note}" if note else ""))
         state = stats.connection or "idle"
         colour = _CONNECTION_COLOURS.get(state, theme.COLOURS.error)
         self.connection_label.setText(f"● {state}")

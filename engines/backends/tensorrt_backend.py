@@ -95,7 +95,7 @@ def convert_to_fp16(model: Any) -> Any:
     which also keeps the inputs that must stay float (Resize scales) in FP32.
     """
     try:
-        from onnxconverter_common import float16  # type: ignore[import-untyped]
+        from onnxconverter_common import float16
     except ImportError as exc:
         raise EngineUnavailable(
             f"FP16 conversion needs onnxconverter-common (pip install onnxconverter-common): {exc}"

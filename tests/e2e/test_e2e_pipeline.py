@@ -125,3 +125,57 @@ def test_engine_steps_down_when_it_keeps_missing_the_budget() -> None:
     stats = session.stats()
     assert any("stepped down" in c for c in stats.engine_changes), stats.engine_changes
     assert stats.engine_label.startswith("classical"), stats.engine_label
+
+
+def test_accelerated_engine_built_in_background_is_swapped_in_while_cpu_serves() -> None:
+    """The TensorRT path: the session serves with a CPU engine while a BuildJob runs, then swaps the built
+    engine in between two frames. TensorRT is not installable here, so the job builds nothing and the
+    "accelerated" backend is the classical one; the hand-over under test is the session's."""
+    import threading
+
+    from engines.backends.tensorrt_backend import BuildJob, BuildReporter
+
+    release = threading.Event()
+
+    def fake_build(reporter: BuildReporter) -> tuple[str, str]:
+        for step in range(3):
+            reporter.phase("building", step, 3)
+            release.wait(0.05)
+        release.wait(5)  # hold the build until the CPU engine has served frames
+        return "fp16", "/nonexistent/engine.plan"
+
+    class _Cpu(SlowedEngine):
+        def describe(self):  # type: ignore[no-untyped-def]
+            d = super().describe()
+            return type(d)("cpu-stand-in", d.device, d.precision, d.input_size, d.model)
+
+    def start_job() -> BuildJob:
+        job = BuildJob(fake_build)
+        job.start()
+        return job
+
+    settings = Settings(simulator=SIM, engine=EngineSettings(backend="classical", step_down=""))
+    session = LiveSession(
+        settings,
+        simulate=True,
+        engine=_Cpu(registry.create("classical"), delay_ms=0.0),
+        max_frames=60,
+        background_build=start_job,
+        background_backend="classical",
+    )
+    with session:
+        for _ in range(200):
+            if session.stats().frames_processed >= 5:
+                break
+            time.sleep(0.02)
+        assert session.stats().engine_label.startswith("cpu-stand-in")
+        assert "building" in session.build_status
+        release.set()
+        sim = session.simulator
+        assert sim is not None
+        assert sim.done.wait(10)
+        time.sleep(0.2)
+        stats = session.stats()
+    assert any("built in the background" in c for c in stats.engine_changes), stats.engine_changes
+    assert stats.engine_label.startswith("classical")
+    assert "ready" in session.build_status

@@ -214,7 +214,7 @@ def test_rec_export_import_round_trip(tmp_path: Path) -> None:
 
 
 def test_rec_import_plus_sample_keeps_timing(tmp_path: Path) -> None:
-    from conftest import PLUS_DATA
+    from tests.conftest import PLUS_DATA
 
     src = PLUS_DATA / "NwirePhantomFreehand.igs.mha"
     out = tmp_path / "n.mcap"

@@ -186,10 +186,9 @@ def test_replay_cli_serves_a_file(tmp_path: Path) -> None:
 
 
 def test_replay_plus_sample_sends_images_and_transforms() -> None:
-    from conftest import PLUS_DATA
-
     from streaming.igtl import TransformMessage
     from streaming.sequence import read_sequence
+    from tests.conftest import PLUS_DATA
 
     seq = read_sequence(PLUS_DATA / "NwirePhantomFreehand.igs.mha")
     seq = SequenceFile(  # the first 5 frames, so the test stays short

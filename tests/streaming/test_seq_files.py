@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PLUS_DATA
 
 from streaming.sequence import SequenceFile, SequenceFormatError, read_sequence, write_sequence
+from tests.conftest import PLUS_DATA
 
 SAMPLES = sorted(p for p in PLUS_DATA.glob("*") if p.name.endswith((".mha", ".nrrd")))
 

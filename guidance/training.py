@@ -107,6 +107,9 @@ class TrainConfig:
     w_cldice: float = 0.5
     w_tip: float = 0.5
     instrument_ce_weight: float = 3.0
+    target_ce_weight: float = 1.0
+    target_dice_weight: float = 1.0  # relative to the instrument's Dice term
+    init_weights: str | None = None  # start from this state_dict (.pt) instead of random weights
     tversky_alpha: float = 0.3  # false-positive weight
     tversky_beta: float = 0.7  # false-negative weight
     tip_sigma_px: float = 2.0
@@ -382,7 +385,9 @@ class SegmentationLoss(nn.Module):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("class_weight", torch.tensor([1.0, cfg.instrument_ce_weight, 1.0]))
+        self.register_buffer(
+            "class_weight", torch.tensor([1.0, cfg.instrument_ce_weight, cfg.target_ce_weight])
+        )
 
     def forward(
         self, logits: torch.Tensor, tip_logits: torch.Tensor | None, labels: torch.Tensor, tip: torch.Tensor
@@ -395,7 +400,8 @@ class SegmentationLoss(nn.Module):
         inst_t = (labels == INSTRUMENT).float()
         targ_t = (labels == TARGET).float()
         p_inst, p_targ = prob[:, INSTRUMENT], prob[:, TARGET]
-        dice = 0.5 * (soft_dice(p_inst, inst_t) + soft_dice(p_targ, targ_t))
+        wt = cfg.target_dice_weight
+        dice = (soft_dice(p_inst, inst_t) + wt * soft_dice(p_targ, targ_t)) / (1.0 + wt)
         tv = tversky(p_inst, inst_t, cfg.tversky_alpha, cfg.tversky_beta)
         cl = soft_cldice(p_inst[:, None], inst_t[:, None]) if cfg.w_cldice > 0 else torch.zeros(())
         if tip_logits is not None and cfg.w_tip > 0:
@@ -493,6 +499,9 @@ def train(
     if not modalities:
         raise TrainingError(f"none of the phantoms {', '.join(cfg.modalities)} is available")
     model = build_model(cfg.model)
+    if cfg.init_weights:
+        model.load_state_dict(torch.load(cfg.init_weights, map_location="cpu", weights_only=True))
+        logger.info("Starting from weights %s", cfg.init_weights)
     stride = model.stride
     if cfg.crop % stride or cfg.image_size % stride:
         raise TrainingError(f"crop and image size must be multiples of {stride}")

@@ -29,6 +29,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--crop", type=int, default=None, help="training crop size in pixels (multiple of 16)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--init", default=None, help="start from this state_dict (.pt), e.g. to fine-tune")
+    p.add_argument(
+        "--target-weight", type=float, default=None, help="weight of the target's CE and Dice terms"
+    )
+    p.add_argument(
+        "--crop-on-target", type=float, default=None, help="fraction of crops centred on the target"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
             "crop": args.crop,
             "lr": args.lr,
             "threads": args.threads,
+            "init_weights": args.init,
+            "target_ce_weight": args.target_weight,
+            "target_dice_weight": args.target_weight,
+            "crop_on_target": args.crop_on_target,
         }.items()
         if v is not None
     }

@@ -361,8 +361,8 @@ def _field_of_view(work: npt.NDArray[np.uint8], *, dark_margin: bool = False) ->
 
 
 def _two_sided_contrast(smooth: npt.NDArray[np.float32], seg: npt.NDArray[np.float32]) -> float:
-    """Median over a segment of ``line - max(side_a, side_b)`` (sides 5 px away): > 0 for a bright line,
-    <= 0 for a step edge."""
+    """Median over a segment of ``line - max(side_a, side_b)`` (each side the darkest of 4, 6, 8 px away) minus half the median side
+    difference: > 0 for a bright line between similar sides, <= 0 for a step edge or a shadowing surface."""
     h, w = smooth.shape
     p0, p1 = seg[:2], seg[2:]
     n = max(2, int(np.hypot(*(p1 - p0))))
@@ -378,7 +378,12 @@ def _two_sided_contrast(smooth: npt.NDArray[np.float32], seg: npt.NDArray[np.flo
         return np.asarray(smooth[ys, xs], dtype=np.float32)
 
     line = at(0.0)
-    return float(np.median(line - np.maximum(at(-5.0), at(5.0))))
+    # each side: the darkest of three offsets, so a needle's thin reverberation copies below it do not
+    # count as a bright side
+    side_a = np.minimum(np.minimum(at(-4.0), at(-6.0)), at(-8.0))
+    side_b = np.minimum(np.minimum(at(4.0), at(6.0)), at(8.0))
+    # a bone surface is bright too, but with a black acoustic shadow on one side only: penalise asymmetry
+    return float(np.median(line - np.maximum(side_a, side_b)) - 0.5 * np.median(np.abs(side_a - side_b)))
 
 
 def _line_range(

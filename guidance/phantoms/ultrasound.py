@@ -269,16 +269,23 @@ class UltrasoundPhantom:
             echo *= 1.0 + (cfg.target_contrast - 1.0) * lesion
 
         # Bone-like bright curved surface with a strong acoustic shadow below it (along the beam = rows).
+        # It lies below the lesion (nobody plans a path through bone, and a lesion in its shadow is unseen);
+        # when there is no room below the lesion there is no bone.
+        bone_depth = 0.0
         if cfg.bone:
             x0, x1 = sorted(rng.uniform(-0.2, 1.2, size=2) * w)
             x1 = max(x1, x0 + 0.3 * w)
-            depth = rng.uniform(0.7, 0.9) * h
             curv = rng.uniform(-0.004, 0.004)
-            surface = depth + curv * (xx - (x0 + x1) / 2) ** 2
+            bend = curv * (xx - (x0 + x1) / 2) ** 2
             inside = (xx >= x0) & (xx <= x1)
+            floor = cy + 1.3 * cfg.target_radius_px + 12.0 if cfg.target_kind != "none" else 0.0
+            lowest = float(bend[inside].min()) if inside.any() else 0.0
+            bone_depth = max(rng.uniform(0.7, 0.9) * h, floor - lowest)
+        if cfg.bone and bone_depth <= 0.95 * h:
+            surface = bone_depth + bend
             line = np.exp(-0.5 * ((yy - surface) / 1.3) ** 2) * inside
             shadow = np.clip((yy - surface - 1.5) / 4.0, 0.0, 1.0) * inside
-            echo = (echo * (1.0 - 0.95 * shadow) + 10.0 * line).astype(np.float32)
+            echo = (echo * (1.0 - 0.95 * shadow) + 150.0 * line).astype(np.float32)
         # Needle-like distractors: bright straight lines that do not enter from the border.
         for _ in range(cfg.n_distractors):
             length = rng.uniform(20, 60)
@@ -289,7 +296,7 @@ class UltrasoundPhantom:
             fill_segment(
                 layer, (c[0] - d[0], c[1] - d[1]), (c[0] + d[0], c[1] + d[1]), rng.uniform(1.5, 3), 1.0
             )
-            echo += float(rng.uniform(4.0, 9.0)) * cv2.GaussianBlur(layer, (0, 0), 0.7)
+            echo += float(rng.uniform(15.0, 50.0)) * cv2.GaussianBlur(layer, (0, 0), 0.7)
 
         # Speckle: complex Gaussian scatterers weighted by sqrt(echogenicity), convolved with the PSF.
         scat = np.sqrt(np.maximum(echo, 1e-4))

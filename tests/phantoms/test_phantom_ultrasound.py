@@ -121,3 +121,60 @@ def test_make_phantom() -> None:
     assert isinstance(make_phantom("us", seed=2, width=64, height=64), UltrasoundPhantom)
     with pytest.raises(ValueError, match="modality"):
         make_phantom("mri")
+
+
+def _shaft_brightness(p: UltrasoundPhantom, index: int) -> float:
+    f = p.frame(index)
+    assert f.instrument_present
+    return float(f.image[f.labels == INSTRUMENT].mean())
+
+
+def test_phantom_needle_visibility_falls_with_angle() -> None:
+    common = {
+        "geometry": "linear",
+        "bone": False,
+        "n_distractors": 0,
+        "out_of_plane_frac": 0.0,
+        "lead_in_s": 0.0,
+    }
+    shallow = UltrasoundPhantom(seed=1, needle_angle_deg=20.0, **common)
+    steep = UltrasoundPhantom(seed=1, needle_angle_deg=65.0, **common)
+    i = 120  # well inserted in both
+    assert _shaft_brightness(shallow, i) > _shaft_brightness(steep, i) + 10
+
+
+def test_phantom_out_of_plane_gap_and_distractors_unlabelled() -> None:
+    p = UltrasoundPhantom(seed=2, geometry="linear", out_of_plane_frac=0.45, oop_period_s=2.0, lead_in_s=0.0)
+    import cv2
+
+    pieces = set()
+    for i in range(60, 240, 4):
+        f = p.frame(i)
+        if f.instrument_present:
+            n, _ = cv2.connectedComponents((f.labels == INSTRUMENT).astype(np.uint8))
+            pieces.add(n - 1)
+    assert 1 in pieces
+    assert 2 in pieces  # sometimes a middle stretch of the shaft is out of plane
+    # bright distractors and a bone surface are in the image but never labelled as instrument
+    q = UltrasoundPhantom(seed=2, geometry="linear", needle=False, bone=True, n_distractors=3)
+    f = q.frame(50)
+    assert not f.instrument_present
+    assert not (f.labels == INSTRUMENT).any()
+    assert int(f.image.max()) >= 220
+
+
+@pytest.mark.parametrize(("kind", "darker"), [("hypo", True), ("hyper", False)])
+def test_phantom_lesion_echogenicity(kind: str, darker: bool) -> None:
+    contrast = 0.15 if kind == "hypo" else 3.0
+    f = UltrasoundPhantom(
+        seed=4, geometry="linear", target_kind=kind, target_contrast=contrast, bone=False, n_distractors=0
+    ).frame(0)
+    inside = f.image[f.labels == TARGET].mean()
+    assert f.target_centroid_px is not None
+    yy, xx = np.mgrid[0:256, 0:256]
+    r = np.hypot(xx - f.target_centroid_px[0], yy - f.target_centroid_px[1])
+    ring = (r > 1.6 * f.target_radius_px) & (r < 2.6 * f.target_radius_px) & (f.labels == 0)
+    assert (inside < f.image[ring].mean()) == darker
+    none = UltrasoundPhantom(seed=4, target_kind="none").frame(0)
+    assert none.target_centroid_px is None
+    assert none.target_radius_px == 0.0

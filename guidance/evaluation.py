@@ -368,6 +368,19 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "better_than_baseline": better,
                 }
             )
+        for key in ("instrument_missed_rate", "angle_error_deg_median", "angle_error_deg_p95"):  # no target
+            v, b = figs.get(key), base.get(modality, {}).get(key)
+            rows.append(
+                {
+                    "modality": modality,
+                    "figure": key,
+                    "value": v,
+                    "target": "info",
+                    "met": None,
+                    "baseline": b,
+                    "better_than_baseline": None if v is None or b is None else v < b,
+                }
+            )
     plus = report.get("plus", {}).get("model", {})
     v = plus.get("false_detection_rate")
     b = report.get("plus", {}).get("baseline", {}).get("false_detection_rate")
@@ -440,7 +453,8 @@ def summary_lines(report: Mapping[str, Any]) -> Iterable[str]:
 
         yield (
             f"{row['modality']:8} {row['figure']:24} {f(row['value']):>9} {f(row['baseline']):>9} "
-            f"{row['target']:>8} {'yes' if row['met'] else 'NO ':3} {row['better_than_baseline']}"
+            f"{row['target']:>8} {'-  ' if row['met'] is None else 'yes' if row['met'] else 'NO ':3} "
+            f"{row['better_than_baseline']}"
         )
 
 

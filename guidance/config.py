@@ -62,6 +62,9 @@ class SimulatorSettings:
     width: int = 256
     height: int = 256
     seed: int = 0
+    # "demo": a clear teaching scene (needle aimed at the lesion, no distractors) drawn on the seed's
+    # tissue; "random": everything sampled from the seed, as in training and evaluation.
+    scene: str = "demo"
 
 
 @dataclass(frozen=True, slots=True)

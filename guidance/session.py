@@ -126,6 +126,7 @@ class LiveSession:
                 width=sim.width,
                 height=sim.height,
                 seed=sim.seed,
+                scene=sim.scene,
                 max_frames=self._max_frames,
             )
             self.simulator.start()

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from guidance.phantoms import make_phantom
 from streaming.igtl import IGTLServer
@@ -17,6 +18,39 @@ from streaming.igtl import IGTLServer
 logger = logging.getLogger(__name__)
 
 DEVICE_NAME = "Image_Reference"  # PLUS's conventional name for the B-mode image in the reference frame
+
+#: Phantom overrides of the "demo" scene, per modality: the seed still draws tissue, speckle and motion,
+#: but the instrument is clearly in plane and aimed at the target, with no distractors.
+DEMO_SCENES: dict[str, dict[str, Any]] = {
+    "us": {
+        "geometry": "linear",
+        "needle": True,
+        "needle_side": "left",
+        "needle_angle_deg": 35.0,
+        "aim_offset_px": 0.0,
+        "overshoot_frac": 0.0,
+        "out_of_plane_frac": 0.0,
+        "target_kind": "hypo",
+        "bone": False,
+        "n_distractors": 0,
+    },
+    "fluoro": {
+        "instrument": True,
+        "instrument_kind": "catheter",
+        "curvature": 0.12,
+        "entry_side": "left",
+        "target_kind": "lesion",
+        "aim_offset_px": 0.0,
+    },
+}
+
+
+def phantom_overrides(modality: str, scene: str) -> dict[str, Any]:
+    if scene == "random":
+        return {}
+    if scene != "demo":
+        raise ValueError(f"unknown simulator scene {scene!r}; use 'demo' or 'random'")
+    return dict(DEMO_SCENES.get(modality, {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +78,7 @@ class SimulatedScanner:
         width: int = 256,
         height: int = 256,
         seed: int = 0,
+        scene: str = "demo",
         host: str = "127.0.0.1",
         port: int = 0,
         max_frames: int | None = None,
@@ -53,6 +88,7 @@ class SimulatedScanner:
         self.fps = fps
         self._size = (width, height)
         self._seed = seed
+        self._overrides = phantom_overrides(modality, scene)
         self._server = IGTLServer(host=host, port=port, name="guidance-sim-server")
         self._max_frames = max_frames
         self._wait_for_client = wait_for_client
@@ -75,7 +111,12 @@ class SimulatedScanner:
         if self._thread is not None:
             raise RuntimeError("simulator already started")
         self._phantom = make_phantom(
-            self.modality, seed=self._seed, width=self._size[0], height=self._size[1], fps=self.fps
+            self.modality,
+            seed=self._seed,
+            width=self._size[0],
+            height=self._size[1],
+            fps=self.fps,
+            **self._overrides,
         )
         self._server.start()
         self._stop.clear()

@@ -15,6 +15,7 @@ from guidance.config import EngineSettings, Settings, SimulatorSettings
 from guidance.phantoms import make_phantom
 from guidance.results import GuidanceResult
 from guidance.session import LiveSession
+from guidance.simulator import phantom_overrides
 
 SIM = SimulatorSettings(modality="us", fps=30.0, width=256, height=256, seed=3)
 
@@ -45,7 +46,14 @@ def test_needle_tip_over_loopback_matches_ground_truth() -> None:
     assert stats.connection in {"connected", "stopped"}
     assert len(results) >= n // 3, "the pipeline keeps up with most frames"
 
-    phantom = make_phantom("us", seed=SIM.seed, width=SIM.width, height=SIM.height, fps=SIM.fps)
+    phantom = make_phantom(
+        "us",
+        seed=SIM.seed,
+        width=SIM.width,
+        height=SIM.height,
+        fps=SIM.fps,
+        **phantom_overrides("us", SIM.scene),
+    )
     errors_mm: list[float] = []
     judged = 0
     for r in results.values():

@@ -10,6 +10,7 @@ import numpy as np
 from guidance.config import EngineSettings, Settings, SimulatorSettings
 from guidance.phantoms import make_phantom
 from guidance.session import LiveSession
+from guidance.simulator import phantom_overrides
 from streaming.recording import RecordingReader
 
 SIM = SimulatorSettings(modality="us", fps=30.0, width=128, height=128, seed=1)
@@ -40,7 +41,14 @@ def test_session_records_original_frames_and_markers(tmp_path: Path) -> None:
     assert results
     assert all(r.encoding == "labels-u8-zlib" for r in results)
     assert {r.receive_ns for r in results} <= receive_times
-    phantom = make_phantom("us", seed=SIM.seed, width=SIM.width, height=SIM.height, fps=SIM.fps)
+    phantom = make_phantom(
+        "us",
+        seed=SIM.seed,
+        width=SIM.width,
+        height=SIM.height,
+        fps=SIM.fps,
+        **phantom_overrides("us", SIM.scene),
+    )
     for f in frames:
         truth = phantom.frame(int(f.metadata["FrameIndex"]))
         assert np.array_equal(f.pixels, truth.image)

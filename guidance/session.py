@@ -90,6 +90,7 @@ class LiveSession:
         self.worker: InferenceWorker | None = None
         self.recorder: Recorder | None = None
         self._recording_since_ns = 0
+        self._engine_warning = ""  # persists (unlike connection errors, which clear on reconnect)
         # An accelerated engine built in the background (TensorRT) while a CPU engine serves frames.
         self._build_factory = background_build
         self._build_backend = background_backend
@@ -112,7 +113,17 @@ class LiveSession:
         engine = self._engine
         if engine is None:
             engine = self._initial_engine()
-        engine.load()
+        try:
+            engine.load()
+        except EngineError as exc:
+            if self._engine is not None or s.engine.backend != "auto":
+                raise  # the user named this engine: say why it cannot run instead of silently replacing it
+            # "auto" with no usable model (missing or tampered asset): keep the picture live on the
+            # classical baseline and say so in plain words.
+            logger.warning("AI engine unavailable (%s); using the classical baseline", exc)
+            self._engine_warning = f"AI model unavailable, showing the classical baseline: {exc}"
+            engine = registry.create("classical")
+            engine.load()
         engine.warm_up()
         self._engine = engine
         fps = s.simulator.fps if self.simulate else 30.0
@@ -404,10 +415,15 @@ class LiveSession:
             budget_ms=self.budget_ms,
             engine_label=w.engine_label if w else "",
             connection=self._connection,
-            last_error=(c.last_error if c and c.last_error else "") or self._last_error or client_err,
+            last_error=(c.last_error if c and c.last_error else "")
+            or self._last_error
+            or self._engine_warning
+            or client_err,
             source=self.source,
             engine_changes=c.engine_changes if c else (),
-            engine_note=self.build_status or (c.engine_changes[-1] if c and c.engine_changes else ""),
+            engine_note=self.build_status
+            or self._engine_warning
+            or (c.engine_changes[-1] if c and c.engine_changes else ""),
             latency=MappingProxyType({k: MappingProxyType(v) for k, v in summary.items()}),
             last_ms=MappingProxyType(last),
         )

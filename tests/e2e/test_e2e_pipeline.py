@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,30 @@ def test_accelerated_engine_built_in_background_is_swapped_in_while_cpu_serves()
     assert any("built in the background" in c for c in stats.engine_changes), stats.engine_changes
     assert stats.engine_label.startswith("classical")
     assert "ready" in session.build_status
+
+
+def test_auto_engine_without_a_usable_model_falls_back_to_classical(tmp_path: Path) -> None:
+    """A tampered/missing model must not take the live picture down: 'auto' shows the baseline and says why."""
+    settings = Settings(
+        simulator=SIM,
+        engine=EngineSettings(backend="auto", model=str(tmp_path / "missing.onnx"), step_down=""),
+    )
+    with LiveSession(settings, simulate=True, max_frames=10) as session:
+        sim = session.simulator
+        assert sim is not None
+        assert sim.done.wait(10)
+        stats = session.stats()
+    assert stats.engine_label.startswith("classical")
+    assert "AI model unavailable" in stats.last_error
+
+
+def test_named_engine_that_cannot_load_fails_with_its_reason(tmp_path: Path) -> None:
+    from engines.base import EngineError
+
+    settings = Settings(
+        simulator=SIM, engine=EngineSettings(backend="onnxruntime", model=str(tmp_path / "x.onnx"))
+    )
+    session = LiveSession(settings, simulate=True, max_frames=10)
+    with pytest.raises(EngineError, match=r"x\.onnx"):
+        session.start()
+    session.stop()

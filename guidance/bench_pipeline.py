@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 
 from engines.base import EngineInfo, SegmentationEngine, SegmentationOutput
+from guidance.bench_report import write_pipeline_report
+from guidance.bench_series import ResultSeries, SampleSeries, soak_summary
 from guidance.config import EngineSettings, Settings, SimulatorSettings, load_settings, replace
 from guidance.session import LiveSession
 
@@ -72,6 +74,8 @@ class PipelineBenchConfig:
     slow_ms: float = 0.0
     budget_ms: float = 0.0
     seed: int = 0
+    report_dir: Path | None = None
+    soak_window_s: float = 0.0  # >0: report steadiness (memory, first vs last window p99)
 
 
 def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -89,7 +93,12 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> di
 
         inner = registry.create(cfg.backend, **({"model": cfg.model} if cfg.model else {}))
         engine = SlowedEngine(inner, cfg.slow_ms)
-    session = LiveSession(settings, simulate=True, engine=engine, max_frames=cfg.frames)
+    t0_ns = time.perf_counter_ns()
+    series = ResultSeries(t0_ns)
+    samples = SampleSeries()
+    session = LiveSession(
+        settings, simulate=True, engine=engine, max_frames=cfg.frames, result_sinks=(series,)
+    )
     proc = psutil.Process(os.getpid())
     cpu0 = proc.cpu_times()
     t0 = time.perf_counter()
@@ -100,12 +109,23 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> di
         expected = cfg.frames / cfg.fps
         deadline = time.monotonic() + expected * 3 + 30
         last_print = 0.0
-        while not sim.done.wait(0.25):
+        # Once a second: memory and counters for the time series (and progress on a terminal).
+        while not sim.done.wait(1.0):
+            st = session.stats()
+            samples.add(
+                (time.perf_counter_ns() - t0_ns) / 1e9,
+                proc.memory_info().rss / 2**20,
+                st.input_fps,
+                st.processed_fps,
+                st.frames_received,
+                st.frames_processed,
+                st.frames_skipped,
+                st.over_budget,
+            )
             if time.monotonic() > deadline:
                 logger.error("bench: simulator did not finish in time")
                 break
             if progress and time.monotonic() - last_print > 1.0:
-                st = session.stats()
                 print(
                     f"\r  sent {sim.stats().frames_sent}/{cfg.frames}  received {st.frames_received}  "
                     f"processed {st.frames_processed}  skipped {st.frames_skipped}",
@@ -134,7 +154,12 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> di
         return {k: round(float(h.get(k, math.nan)), 3) for k in REPORTED}
 
     transport_lost = max(sent - stats.frames_received, 0)
-    return {
+    result_rows = series.array()
+    sample_rows = samples.array()
+    extra: dict[str, Any] = {}
+    if cfg.soak_window_s > 0:
+        extra["soak"] = soak_summary(result_rows, sample_rows, cfg.soak_window_s)
+    report = {
         "bench": "pipeline",
         "frames_sent": sent,
         "frames_received": stats.frames_received,
@@ -164,7 +189,12 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> di
             "interpret": pick("interpret"),
         },
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "rss_mb_max": round(float(sample_rows[:, 1].max()), 1) if len(sample_rows) else math.nan,
+        **extra,
     }
+    if cfg.report_dir is not None:
+        report["report_html"] = str(write_pipeline_report(cfg.report_dir, report, result_rows, sample_rows))
+    return report
 
 
 def _drained(session: LiveSession, sent: int) -> bool:

@@ -74,8 +74,10 @@ class LiveSession:
         max_frames: int | None = None,
         background_build: Callable[[], BuildJob] | None = None,  # returns a *started* job
         background_backend: str = "tensorrt",
+        result_sinks: tuple[Callable[[GuidanceResult], None], ...] = (),
     ) -> None:
         self.settings = settings
+        self._extra_sinks = result_sinks  # e.g. the benchmark's per-result time series
         self.simulate = simulate
         self.display: LatestSlot[Frame] = LatestSlot()  # newest frame, for the painter (peeked)
         self.frames: LatestSlot[Frame] = LatestSlot()  # newest frame, for the AI (taken)
@@ -152,7 +154,11 @@ class LiveSession:
             backoff_max_s=s.stream.reconnect_max_s,
             max_body_bytes=s.stream.max_body_mb * 1024 * 1024,
         )
-        sinks = (self._record_result, *((ResultSender(self.client),) if s.stream.send_results else ()))
+        sinks = (
+            self._record_result,
+            *((ResultSender(self.client),) if s.stream.send_results else ()),
+            *self._extra_sinks,
+        )
         self.worker = InferenceWorker(
             engine,
             self.frames,

@@ -27,6 +27,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--slow-ms", type=float, default=0.0, help="add this delay to every inference (budget test)"
     )
     p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument(
+        "--report", type=Path, default=None, metavar="DIR", help="also write PNG plots + index.html here"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="soak test: run this long (overrides --frames) and report memory and p99 steadiness",
+    )
     p.set_defaults(func=run_pipeline)
 
     # Other benchmark kinds live with the code they measure; each module adds its own parser.
@@ -48,10 +58,17 @@ def run_pipeline(args: argparse.Namespace) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise CommandError(f"--size must look like 256x256, got {args.size!r}") from None
-    if args.frames <= 0:
+    frames = args.frames
+    soak_window = 0.0
+    if args.duration is not None:
+        if args.duration <= 0:
+            raise CommandError("--duration must be positive")
+        frames = max(1, round(args.duration * 60 * args.fps))
+        soak_window = min(300.0, args.duration * 60 / 6)  # first/last 5 minutes (a sixth of shorter runs)
+    if frames <= 0:
         raise CommandError("--frames must be positive")
     cfg = PipelineBenchConfig(
-        frames=args.frames,
+        frames=frames,
         fps=args.fps,
         width=w,
         height=h,
@@ -60,9 +77,15 @@ def run_pipeline(args: argparse.Namespace) -> int:
         model=args.model,
         slow_ms=args.slow_ms,
         budget_ms=args.budget_ms,
+        report_dir=args.report,
+        soak_window_s=soak_window,
     )
     report = run_pipeline_bench(cfg, progress=sys.stderr.isatty())
     print(format_table(report))
+    if "soak" in report:
+        print(f"  soak: {report['soak']}")
+    if "report_html" in report:
+        print(f"report: {report['report_html']}", file=sys.stderr)
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)

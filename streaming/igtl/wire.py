@@ -51,7 +51,7 @@ def tune_socket(sock: socket.socket) -> None:
         logger.debug("could not set TCP options: %s", exc)
 
 
-class PeerClosed(Exception):  # noqa: N818 - a normal end of stream, not an error
+class PeerClosed(Exception):  # a normal end of stream, not an error
     """The peer closed the connection at a message boundary."""
 
 

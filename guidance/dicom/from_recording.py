@@ -11,10 +11,10 @@ import dataclasses
 import datetime as _dt
 import logging
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -92,25 +92,56 @@ def spill_frames(frames: Iterable[Frame], work_dir: Path, progress: Progress | N
     return SpilledFrames(mm, np.asarray(times, np.int64), np.asarray(seqs, np.int64), spacing, wall, raw)
 
 
+class RecordedMasks(Sequence[npt.NDArray[np.uint8]]):
+    """Label maps of a recording kept zlib-compressed and decoded on access (a 1,800-frame 512x512
+    recording would otherwise hold ~470 MB of masks in memory). Frames without a result read as empty."""
+
+    def __init__(self, payloads: Mapping[int, bytes], n: int, shape: tuple[int, int]) -> None:
+        self._payloads = dict(payloads)
+        self._n = n
+        self._shape = shape
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _one(self, i: int) -> npt.NDArray[np.uint8]:
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        raw = self._payloads.get(i % self._n)
+        if raw is None:
+            return np.zeros(self._shape, np.uint8)
+        try:
+            return np.frombuffer(zlib.decompress(raw), np.uint8).reshape(self._shape)
+        except (zlib.error, ValueError) as exc:
+            raise ValueError(f"recorded label map of frame {i} is unreadable or of another size") from exc
+
+    @overload
+    def __getitem__(self, i: int) -> npt.NDArray[np.uint8]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[npt.NDArray[np.uint8]]: ...
+    def __getitem__(self, i: int | slice) -> npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]]:
+        if isinstance(i, slice):
+            return [self._one(j) for j in range(*i.indices(self._n))]
+        return self._one(i)
+
+
 def masks_from_results(
     results: Iterable[Any], receive_ns: npt.NDArray[np.int64], shape: tuple[int, int]
-) -> npt.NDArray[np.uint8] | None:
+) -> RecordedMasks | None:
     """Label maps for the frames received at ``receive_ns`` from recorded results of
-    :data:`LABELS_ENCODING`; None if absent.
+    :data:`LABELS_ENCODING`; None if absent. Decoded lazily (see :class:`RecordedMasks`).
 
     Results are paired with frames by the frame's monotonic receive time, which the recorder stores with
     both: sequence numbers restart when a recording starts mid-session, receive times do not. Frames the AI
     skipped (a newer one arrived first) get an empty mask.
     """
     wanted = {int(t): i for i, t in enumerate(receive_ns)}
-    out: npt.NDArray[np.uint8] | None = None
+    payloads: dict[int, bytes] = {}
     for r in results:
         if r.encoding != LABELS_ENCODING or int(r.receive_ns) not in wanted:
             continue
-        if out is None:
-            out = np.zeros((len(receive_ns), *shape), np.uint8)
-        out[wanted[int(r.receive_ns)]] = np.frombuffer(zlib.decompress(r.payload), np.uint8).reshape(shape)
-    return out
+        payloads[wanted[int(r.receive_ns)]] = bytes(r.payload)  # geometry checked when decoded
+    return RecordedMasks(payloads, len(receive_ns), shape) if payloads else None
 
 
 def study_from_metadata(meta: Mapping[str, Any]) -> PatientStudy | None:
@@ -127,7 +158,7 @@ def study_from_metadata(meta: Mapping[str, Any]) -> PatientStudy | None:
 
 def open_recording(
     path: Path, device: str | None, work_dir: Path, progress: Progress | None = None
-) -> tuple[SpilledFrames, npt.NDArray[np.uint8] | None, Mapping[str, Any]]:
+) -> tuple[SpilledFrames, RecordedMasks | None, Mapping[str, Any]]:
     """Frames (spilled), recorded masks (or None) and metadata of a recording file."""
     from streaming.recording import RecordingReader
 

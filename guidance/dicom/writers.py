@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite, write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
@@ -352,12 +354,22 @@ def _parts(n: int, frame_bytes: int, max_instance_bytes: int) -> list[tuple[int,
 
 
 def _write_file(
-    path: Path, ds: Dataset, vr: str, pixel_blocks: Iterator[memoryview | bytes], length: int
+    path: Path,
+    ds: Dataset,
+    vr: str,
+    pixel_blocks: Iterator[memoryview | bytes],
+    length: int,
+    *,
+    per_frame_groups: bytes = b"",
 ) -> int:
     """Write ``ds`` then a (7FE0,0010) element of ``length`` bytes from ``pixel_blocks``, atomically.
 
+    ``per_frame_groups``: an encoded (5200,9230) Per-frame Functional Groups Sequence element written
+    between the header and the pixels (``ds`` must then hold no element after (5200,9230)).
     Returns the file size. The header goes through pydicom; the pixels never exist as one bytes object.
     """
+    if per_frame_groups and any(int(e.tag) >= _PER_FRAME_FG for e in ds):
+        raise ValueError("internal error: the header holds elements after the per-frame functional groups")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -371,6 +383,7 @@ def _write_file(
     try:
         with open(tmp, "wb") as fh:
             dcmwrite(fh, ds, enforce_file_format=True)
+            fh.write(per_frame_groups)
             fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode("ascii"), 0, padded))
             written = 0
             for blk in pixel_blocks:
@@ -391,6 +404,66 @@ def _write_file(
     return size
 
 
+# ------------------------------------------------ pre-encoded elements (Explicit VR Little Endian, PS3.5 7.1.2)
+_PER_FRAME_FG = 0x52009230  # (5200,9230) Per-frame Functional Groups Sequence
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def _el(tag: int, vr: str, value: bytes) -> bytes:
+    """One data element with a defined length (value padded to even length: NUL for UI/OB, else space)."""
+    if len(value) & 1:
+        value += b"\0" if vr in ("UI", "OB") else b" "
+    head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode("ascii"))
+    if vr in _LONG_VRS:
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def _sq(tag: int, items: Sequence[bytes]) -> bytes:
+    """A sequence of defined length whose items (encoded contents) have defined lengths (PS3.5 7.5)."""
+    body = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(i)) + i for i in items)
+    return _el(tag, "SQ", body)
+
+
+def _encode_item(item: Dataset) -> bytes:
+    """The encoded contents of one sequence item (for the constant parts, built once with pydicom)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, item)
+    return fp.getvalue()
+
+
+def _seg_per_frame_groups(
+    src: WrittenObject, n_src: int, n_seg: int, purpose: Dataset, derivation_code: Dataset
+) -> bytes:
+    """(5200,9230) for a SEG over ``n_src`` source frames x ``n_seg`` segments, frame-major.
+
+    Each item: Derivation Image macro (source frame j of ``src``), Frame Content (Dimension Index Values
+    [segment, j], Temporal Position Index j) and Segmentation macro (Referenced Segment Number). Encoded
+    directly: building thousands of pydicom datasets dominated the export time.
+    """
+    src_head = _el(0x00081150, "UI", src.sop_class_uid.encode("ascii")) + _el(
+        0x00081155, "UI", src.sop_instance_uid.encode("ascii")
+    )
+    src_tail = _el(0x0028135A, "CS", b"YES") + _sq(0x0040A170, [_encode_item(purpose)])
+    der_code = _sq(0x00089215, [_encode_item(derivation_code)])
+    items: list[bytes] = []
+    for j in range(1, n_src + 1):
+        src_item = src_head + _el(0x00081160, "IS", str(j).encode("ascii")) + src_tail
+        derivation = _sq(0x00089124, [_sq(0x00082112, [src_item]) + der_code])
+        for k in range(1, n_seg + 1):
+            content = _el(0x00209128, "UL", struct.pack("<I", j)) + _el(
+                0x00209157, "UL", struct.pack("<II", k, j)
+            )
+            items.append(
+                derivation
+                + _sq(0x00209111, [content])
+                + _sq(0x0062000A, [_el(0x0062000B, "US", struct.pack("<H", k))])
+            )
+    return _sq(_PER_FRAME_FG, items)
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -399,12 +472,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _mapped_file(a: npt.NDArray[np.generic]) -> mmap.mmap | None:
+    """The shared memory map under a ``np.memmap`` source (opened "r", "r+" or "w+"), if any.
+
+    Copy-on-write maps ("c") are left alone: dropping their pages would discard the caller's changes.
+    """
+    if not isinstance(a, np.memmap) or a.mode not in ("r", "r+", "w+"):
+        return None
+    base = a.base
+    return base if isinstance(base, mmap.mmap) else None
+
+
 def _pixel_blocks(st: _Stack, i0: int, i1: int) -> Iterator[memoryview]:
+    mapped = _mapped_file(st.source) if isinstance(st.source, np.ndarray) else None
     for b in range(i0, i1, _BLOCK_FRAMES):
         blk = _gray_block(st.block(b, min(i1, b + _BLOCK_FRAMES)))
         if blk.dtype == np.uint16 and blk.dtype.byteorder == ">":
             blk = blk.astype("<u2")
         yield np.ascontiguousarray(blk).data.cast("B")
+        if mapped is not None and not mapped.closed:
+            # Pages of a memory-mapped source were read once and are done with: unmap them so a long
+            # spilled recording does not count (up to its whole size) towards our resident memory.
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def _gray_block(blk: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
@@ -753,33 +842,19 @@ def write_segmentation(
         purpose = _code(("121322", "DCM", "Source image for image processing operation"))
         derivation_code = _code(("113076", "DCM", "Segmentation"))
         ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-        per_frame = []
-        for j in range(1, n_src + 1):
-            for number in range(1, len(labels) + 1):
-                item = Dataset()
-                fc = Dataset()  # Frame Content macro
-                fc.DimensionIndexValues = [number, j]
-                fc.TemporalPositionIndex = j
-                item.FrameContentSequence = DicomSequence([fc])
-                srcimg = Dataset()  # Derivation Image macro
-                srcimg.ReferencedSOPClassUID = src.sop_class_uid
-                srcimg.ReferencedSOPInstanceUID = src.sop_instance_uid
-                srcimg.ReferencedFrameNumber = j
-                srcimg.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
-                srcimg.SpatialLocationsPreserved = "YES"  # same pixel grid as the source frame
-                der = Dataset()
-                der.DerivationCodeSequence = DicomSequence([derivation_code])
-                der.SourceImageSequence = DicomSequence([srcimg])
-                item.DerivationImageSequence = DicomSequence([der])
-                sid = Dataset()  # Segmentation macro
-                sid.ReferencedSegmentNumber = number
-                item.SegmentIdentificationSequence = DicomSequence([sid])
-                per_frame.append(item)
-        ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+        # Per-frame Functional Groups: thousands of items, pre-encoded as bytes (not pydicom datasets)
+        per_frame = _seg_per_frame_groups(src, n_src, len(labels), purpose, derivation_code)
         ds.NumberOfFrames = n_src * len(labels)
         length = (n_src * len(labels) * rows * cols + 7) // 8
         path = out_dir / f"SEG_{series.number:03d}_{part:04d}.dcm"
-        size = _write_file(path, ds, "OB", _seg_blocks(ms, offset, offset + n_src, labels), length)
+        size = _write_file(
+            path,
+            ds,
+            "OB",
+            _seg_blocks(ms, offset, offset + n_src, labels),
+            length,
+            per_frame_groups=per_frame,
+        )
         out.append(
             WrittenObject(
                 path,

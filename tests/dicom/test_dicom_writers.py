@@ -196,3 +196,39 @@ def test_dicom_writers_require_a_resolved_study(tmp_path: Path, cine: Cine) -> N
     images, _, _ = cine
     with pytest.raises(ValueError, match="resolve"):
         write_us_cine(images, tmp_path, manual_entry("A^B", "1"), fps=30)
+
+
+def test_dicom_seg_per_frame_groups_read_back_with_pydicom(
+    tmp_path: Path, study: PatientStudy, cine: Cine
+) -> None:
+    """The pre-encoded per-frame functional groups decode to the expected references, frame-major."""
+    images, times, masks = cine
+    (src,) = write_us_cine(images, tmp_path, study, times_s=times)
+    (seg,) = write_segmentation(masks, [src], tmp_path, study)
+    ds = pydicom.dcmread(seg.path)
+    groups = ds.PerFrameFunctionalGroupsSequence
+    assert len(groups) == ds.NumberOfFrames == 2 * len(images)
+    for idx, item in enumerate(groups):
+        j, k = idx // 2 + 1, idx % 2 + 1
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert (ref.ReferencedSOPInstanceUID, int(ref.ReferencedFrameNumber)) == (src.sop_instance_uid, j)
+        assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        assert item.DerivationImageSequence[0].DerivationCodeSequence[0].CodeValue == "113076"
+        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [k, j]
+        assert item.FrameContentSequence[0].TemporalPositionIndex == j
+        assert item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == k
+    # a second, Python-side encoding of the same data set (pydicom) matches what we streamed
+    again = tmp_path / "again.dcm"
+    ds.save_as(again, enforce_file_format=True)
+    assert pydicom.dcmread(again).PerFrameFunctionalGroupsSequence == groups
+
+
+def test_dicom_memmap_source_written_exactly(tmp_path: Path, study: PatientStudy, cine: Cine) -> None:
+    """A read-only memory-mapped source (a spilled recording) is written exactly; its pages are released."""
+    images, times, _ = cine
+    raw = tmp_path / "frames.raw"
+    images.tofile(raw)
+    mm = np.memmap(raw, dtype=np.uint8, mode="r", shape=images.shape)
+    (obj,) = write_us_cine(mm, tmp_path / "out", study, times_s=times)
+    np.testing.assert_array_equal(pydicom.dcmread(obj.path).pixel_array, images)
+    np.testing.assert_array_equal(mm, images)  # still readable after the pages were dropped

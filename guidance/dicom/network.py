@@ -2,12 +2,16 @@
 
 Failures are turned into plain-language reasons (connection refused, AE title not recognised...). C-STORE
 proposes only the presentation contexts the objects need: for each SOP class one context per transfer
-syntax (the file's own, plus Implicit VR Little Endian as a fallback), and sends files chunked from disk
-(pynetdicom's ``STORE_SEND_CHUNKED_DATASET``) when the file's syntax is accepted.
+syntax - Explicit VR Little Endian (the spooled files' own), the lossless compressed syntaxes we can write
+for it (RLE Lossless; JPEG-LS Lossless when pyjpegls is installed; none for 1-bit Segmentation) and
+Implicit VR Little Endian. Files are sent chunked from disk (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``);
+when the peer did not accept the file's own syntax, a streamed copy in an accepted one is written first
+(:mod:`guidance.dicom.transcode`), same SOP Instance UID, never lossy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import socket
@@ -17,15 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from guidance.dicom.study import PatientStudy
+from guidance.dicom.transcode import (
+    JPEG_LS_LOSSLESS,
+    RLE_LOSSLESS,
+    TRANSFER_SYNTAX_NAMES,
+    UNCOMPRESSED,
+    lossless_syntaxes,
+    proposed_syntaxes,
+    transcode_file,
+)
 from guidance.dicom.writers import SOP_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
@@ -73,6 +85,8 @@ class DicomNode:
             network_timeout_s: idle network.
         tls: an ``ssl.SSLContext`` for DICOM TLS (PS3.15 B.1), or None for plain TCP.
         tls_server_hostname: host name to verify on the peer's certificate.
+        prefer_compression: send a lossless compressed copy whenever the peer accepts one (saves network
+            and archive space; costs CPU here), instead of only when it accepts nothing uncompressed.
     """
 
     host: str
@@ -85,6 +99,7 @@ class DicomNode:
     network_timeout_s: float = 60.0
     tls: ssl.SSLContext | None = None
     tls_server_hostname: str | None = None
+    prefer_compression: bool = False
 
     def label(self) -> str:
         return f"{self.called_aet}@{self.host}:{self.port}"
@@ -186,6 +201,7 @@ class StoreOutcome:
     category: str
     status: int | None
     message: str
+    transfer_syntax: str = ""  # the syntax the object was sent in (when it was sent)
 
     @property
     def stored(self) -> bool:
@@ -216,6 +232,34 @@ def classify_status(status: int) -> StoreOutcome:
     return StoreOutcome("permanent", status, f"PACS failure status 0x{status:04X}")
 
 
+_SHORT_TS = {RLE_LOSSLESS: "rle", JPEG_LS_LOSSLESS: "jls", str(ImplicitVRLittleEndian): "ivrle"}
+
+
+def choose_syntax(
+    file_ts: str, sop_class: str, accepted: Iterable[str], *, prefer_compression: bool = False
+) -> str | None:
+    """Which transfer syntax to send a file in, given what the peer accepted for its SOP class.
+
+    The file's own syntax first (sent as is, chunked from disk); then Implicit VR Little Endian (a
+    streamed re-encoding of the header, pixels copied); then a lossless compressed syntax (streamed frame
+    by frame). With ``prefer_compression`` an accepted lossless compressed syntax comes first. Never
+    lossy. None when the peer accepted nothing we can write.
+    """
+    ok = set(accepted)
+    if prefer_compression and file_ts in UNCOMPRESSED:
+        for ts in lossless_syntaxes(sop_class):
+            if ts in ok:
+                return ts
+    if file_ts in ok:
+        return file_ts
+    if file_ts not in UNCOMPRESSED:
+        return None
+    for ts in (str(ImplicitVRLittleEndian), *lossless_syntaxes(sop_class)):
+        if ts in ok:
+            return ts
+    return None
+
+
 class StoreSession:
     """One association for storing a batch of files (context manager).
 
@@ -240,7 +284,7 @@ class StoreSession:
     def open(self) -> None:
         ae = self._node.make_ae()
         for uid in self._classes:
-            for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            for ts in proposed_syntaxes(uid):  # one context per syntax: the peer accepts each on its own
                 ae.add_requested_context(uid, [ts])
         self._ae = ae
         try:
@@ -289,17 +333,39 @@ class StoreSession:
         name = SOP_CLASS_NAMES.get(sop_class, sop_class)
         if not accepted:
             return StoreOutcome("permanent", None, f"{self._node.label()} does not accept {name}")
-        if file_ts in accepted:
-            rsp = self._assoc.send_c_store(path, msg_id=message_id)  # chunked from disk
-        else:
-            # The peer wants another uncompressed syntax: pynetdicom re-encodes the decoded data set.
-            rsp = self._assoc.send_c_store(dcmread(path), msg_id=message_id)
+        target = choose_syntax(file_ts, sop_class, accepted, prefer_compression=self._node.prefer_compression)
+        if target is None:
+            return StoreOutcome(
+                "permanent",
+                None,
+                f"{self._node.label()} accepts {name} only in transfer syntaxes we cannot write: "
+                + ", ".join(TRANSFER_SYNTAX_NAMES.get(t, t) for t in accepted),
+            )
+        send = path
+        if target != file_ts:
+            # A copy in the accepted syntax, written beside the spooled file under a dot name (the spool
+            # deletes dot files after a crash). It is kept if the send fails for a transient reason, so a
+            # retry does not transcode again, and deleted once the peer answered.
+            send = path.with_name(f".{path.name}.{_SHORT_TS.get(target, 'ts')}")
+            if not send.exists():
+                try:
+                    transcode_file(path, send, target)
+                except ValueError as exc:
+                    return StoreOutcome("permanent", None, f"cannot write a copy the PACS accepts: {exc}")
+                except OSError as exc:  # e.g. no room for the copy: try again later
+                    return StoreOutcome(
+                        "transient", None, f"cannot write a copy the PACS accepts: {exc.strerror or exc}"
+                    )
+        rsp = self._assoc.send_c_store(send, msg_id=message_id)  # chunked from disk
         if "Status" not in rsp:
             raise DicomNetworkError(
                 f"{self._node.label()} did not acknowledge the object (timeout or connection lost)",
                 transient=True,
             )
-        return classify_status(int(rsp.Status))
+        if send != path:
+            send.unlink(missing_ok=True)
+        outcome = classify_status(int(rsp.Status))
+        return dataclasses.replace(outcome, transfer_syntax=target)
 
 
 # --------------------------------------------------------------------------------- Modality Worklist

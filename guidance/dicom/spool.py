@@ -32,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from guidance.dicom.network import DicomNetworkError, DicomNode, StoreOutcome, StoreSession
+from guidance.dicom.transcode import TRANSFER_SYNTAX_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,8 @@ class Spool:
         """Commit success, then delete the local copy (a crash in between is finished by _recover)."""
         self._set(job, DONE)
         job.path.unlink(missing_ok=True)
+        for copy in job.path.parent.glob(f".{job.path.name}.*"):  # transcoded copies kept for a retry
+            copy.unlink(missing_ok=True)
 
     def mark_retry(self, job: Job, error: str, delay_s: float) -> None:
         self._set(job, PENDING, attempts=job.attempts + 1, next_attempt=time.time() + delay_s, error=error)
@@ -446,7 +449,8 @@ class Archiver:
                 if outcome.stored:
                     self.spool.mark_done(job)
                     stored += 1
-                    self._emit("stored", job, outcome.message)
+                    ts = TRANSFER_SYNTAX_NAMES.get(outcome.transfer_syntax, outcome.transfer_syntax)
+                    self._emit("stored", job, f"{outcome.message} ({ts})" if ts else outcome.message)
                 elif outcome.category == "transient":
                     self._fail(job, outcome.message, transient=True)
                     retry += 1

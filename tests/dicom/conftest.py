@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from guidance.dicom.study import PatientStudy, manual_entry
 
@@ -151,6 +151,14 @@ class OrthancServer:
         with urllib.request.urlopen(self.url + path, timeout=10) as rsp:
             return json.loads(rsp.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as rsp:
+            data: bytes = rsp.read()
+        return data
+
+    def get_text(self, path: str) -> str:
+        return self.get_bytes(path).decode()
+
     def post(self, path: str, body: Any) -> Any:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=30) as rsp:
@@ -166,7 +174,7 @@ class OrthancServer:
     def add_worklist(self, name: str, ds: Dataset) -> Path:
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
+        ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.31")
         ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         path = self.worklist_dir / f"{name}.wl"
         ds.save_as(path, enforce_file_format=True)
@@ -212,16 +220,24 @@ class StoreSCP:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+def _run_storescp(tmp_path: Path, name: str, extra: list[str]) -> Iterator[StoreSCP]:
     if STORESCP is None:
         pytest.skip("dcmtk storescp is not installed (apt-get install dcmtk)")
-    out = tmp_path / "storescp"
+    out = tmp_path / name
     out.mkdir()
     port = free_port()
     # --unique-filenames: a duplicate C-STORE of the same instance shows up as a second file
     proc = subprocess.Popen(
-        [STORESCP, "--aetitle", "STORESCP", "--output-directory", str(out), "--unique-filenames", str(port)],
+        [
+            STORESCP,
+            "--aetitle",
+            "STORESCP",
+            "--output-directory",
+            str(out),
+            "--unique-filenames",
+            *extra,
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -242,6 +258,43 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    yield from _run_storescp(tmp_path, "storescp", [])
+
+
+# dcmtk association negotiation profile: image SOP classes only in RLE Lossless, SEG uncompressed.
+_RLE_ONLY_PROFILE = r"""
+[[TransferSyntaxes]]
+[RleOnly]
+TransferSyntax1 = RLELossless
+[Plain]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[RleImages]
+PresentationContext1 = VerificationSOPClass\Plain
+PresentationContext2 = UltrasoundMultiframeImageStorage\RleOnly
+PresentationContext3 = MultiframeGrayscaleByteSecondaryCaptureImageStorage\RleOnly
+PresentationContext4 = MultiframeGrayscaleWordSecondaryCaptureImageStorage\RleOnly
+PresentationContext5 = MultiframeTrueColorSecondaryCaptureImageStorage\RleOnly
+PresentationContext6 = SegmentationStorage\Plain
+
+[[Profiles]]
+[RleImages]
+PresentationContexts = RleImages
+"""
+
+
+@pytest.fixture
+def storescp_rle_only(tmp_path: Path) -> Iterator[StoreSCP]:
+    """storescp accepting the image SOP classes only in RLE Lossless (SEG uncompressed)."""
+    cfg = tmp_path / "rle-only.cfg"
+    cfg.write_text(_RLE_ONLY_PROFILE)
+    yield from _run_storescp(tmp_path, "storescp-rle", ["--config-file", str(cfg), "RleImages"])
 
 
 # ------------------------------------------------------------------------------------------ data

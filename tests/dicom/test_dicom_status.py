@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import SegmentationStorage, UltrasoundMultiFrameImageStorage
 
 from guidance.dicom.export import ExportOptions, spool_objects
 from guidance.dicom.network import DicomNode, classify_status
 from guidance.dicom.spool import Archiver, RetryPolicy, Spool
 from guidance.dicom.study import PatientStudy
+from guidance.dicom.writers import SEGMENTATION, US_MULTIFRAME
 
 Cine = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -30,11 +30,13 @@ class ScriptedSCP:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         ae = AE(ae_title="SCRIPTED")
-        ae.add_supported_context(UltrasoundMultiFrameImageStorage)
-        ae.add_supported_context(SegmentationStorage)
-        self._server = ae.start_server(
+        ae.add_supported_context(US_MULTIFRAME)
+        ae.add_supported_context(SEGMENTATION)
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
+        assert server is not None
+        self._server = server
 
     def _on_store(self, event: Any) -> int:
         status = self.script.pop(0) if self.script else 0x0000

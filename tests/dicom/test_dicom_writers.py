@@ -103,6 +103,7 @@ def test_dicom_seg_valid_and_read_back_by_source_frame(
     s = hd.seg.segread(seg.path)
     assert s.number_of_segments == 2
     desc = s.get_segment_description(1)
+    assert desc.algorithm_identification is not None
     alg = desc.algorithm_identification[0]
     assert alg.AlgorithmName == "unet-test"
     assert alg.AlgorithmVersion == "1.2"

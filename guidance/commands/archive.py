@@ -41,6 +41,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     p.add_argument("--modality", default="US", help="US (cine) or XF (frame-grabbed fluoroscopy -> SC)")
     p.add_argument("--device", default=None, help="IMAGE device in the recording")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also archive a burned-in copy with the AI contours (derived RGB Secondary Capture series)",
+    )
+    p.add_argument(
+        "--compress",
+        action="store_true",
+        help="send lossless compressed (RLE / JPEG-LS) whenever the PACS accepts it, not only when it must",
+    )
     p.add_argument("--worklist", action="store_true", help="take the patient from the Modality Worklist")
     p.add_argument("--station", default="", help="worklist: scheduled station AE title")
     p.add_argument("--accession", default="", help="worklist: pick the item with this accession number")
@@ -96,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         acse_timeout_s=args.timeout,
         network_timeout_s=args.timeout,
         dimse_timeout_s=max(args.timeout, 60.0),
+        prefer_compression=args.compress,
     )
     if args.echo:
         res = echo(node)
@@ -124,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             node,
             spool_dir,
             study,
-            options=ExportOptions(modality=args.modality, device=args.device),
+            options=ExportOptions(modality=args.modality, device=args.device, overlay=args.overlay),
             quota_bytes=quota,
             policy=RetryPolicy(),
             wait_s=args.wait,

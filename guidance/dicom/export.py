@@ -34,6 +34,7 @@ from guidance.dicom.writers import (
     Equipment,
     SeriesInfo,
     WrittenObject,
+    write_overlay,
     write_secondary_capture,
     write_segmentation,
     write_us_cine,
@@ -61,12 +62,16 @@ class ExportOptions:
     equipment: Equipment = field(default_factory=Equipment)
     labels: tuple[int, ...] = (INSTRUMENT, TARGET)
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
+    overlay: bool = False  # also write the burned-in AI overlay copy (RGB Secondary Capture series)
 
 
-def _estimate_bytes(n: int, rows: int, cols: int, *, itemsize: int, nseg: int, with_masks: bool) -> int:
+def _estimate_bytes(
+    n: int, rows: int, cols: int, *, itemsize: int, nseg: int, with_masks: bool, overlay: bool = False
+) -> int:
     pixels = n * rows * cols * itemsize
     seg = (n * nseg * rows * cols + 7) // 8 + n * nseg * 400 if with_masks else 0
-    return pixels + seg + 64_000  # headers: a few kB per object
+    rgb = n * rows * cols * 3 if overlay and with_masks else 0
+    return pixels + seg + rgb + 64_000  # headers: a few kB per object
 
 
 def write_objects(
@@ -115,6 +120,10 @@ def write_objects(
         study = study.resolved()
         if engine is not None and masks is None:
             masks = _segment(images, engine, progress)
+        if options.overlay and masks is None:
+            raise ValueError(
+                "the AI overlay needs label maps: the recording holds none and no engine was given"
+            )
         first = images[0] if isinstance(images, np.ndarray) else images[0].pixels
         n, rows, cols = len(images), int(first.shape[0]), int(first.shape[1])
         if before_write is not None:
@@ -126,6 +135,7 @@ def write_objects(
                     itemsize=first.dtype.itemsize,
                     nseg=len(options.labels),
                     with_masks=masks is not None,
+                    overlay=options.overlay,
                 )
             )
         if progress is not None:
@@ -159,9 +169,10 @@ def write_objects(
         if masks is not None:
             if progress is not None:
                 progress("writing segmentation", 0)
+            sources = list(objs)
             objs += write_segmentation(
                 masks,
-                objs,
+                sources,
                 out_dir,
                 study,
                 algorithm=options.algorithm,
@@ -169,6 +180,23 @@ def write_objects(
                 series=SeriesInfo(100, "Needle and target segmentation (AI)"),
                 equipment=options.equipment,
             )
+            if options.overlay:
+                if progress is not None:
+                    progress("writing AI overlay", 0)
+                objs += write_overlay(
+                    images,
+                    masks,
+                    sources,
+                    out_dir,
+                    study,
+                    labels=options.labels,
+                    modality=options.modality,
+                    times_s=times,
+                    fps=options.fps,
+                    equipment=options.equipment,
+                    start_time=start,
+                    max_instance_bytes=options.max_instance_bytes,
+                )
         return objs
     finally:
         if spilled is not None:

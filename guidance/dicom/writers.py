@@ -871,3 +871,152 @@ def write_segmentation(
         logger.info("Wrote SEG part %d: %d frames, %d bytes", part, n_src * len(labels), size)
         offset += n_src
     return out
+
+
+# ================================================================================ burned-in overlay
+#: Contour colours (RGB) drawn by :func:`write_overlay`, per label value.
+OVERLAY_COLOURS: dict[int, tuple[int, int, int]] = {INSTRUMENT: (255, 220, 0), TARGET: (0, 200, 255)}
+OVERLAY_SERIES_DESCRIPTION = "AI overlay (burned in): needle/target contours"  # LO: <= 64
+
+
+def _contours(mask: npt.NDArray[np.bool_], width: int = 2) -> npt.NDArray[np.bool_]:
+    """Inner boundary of ``mask`` (N, rows, cols), ``width`` pixels wide (4-neighbour erosion)."""
+    inner = mask.copy()
+    for _ in range(width):
+        e = inner.copy()
+        e[:, 1:, :] &= inner[:, :-1, :]
+        e[:, :-1, :] &= inner[:, 1:, :]
+        e[:, :, 1:] &= inner[:, :, :-1]
+        e[:, :, :-1] &= inner[:, :, 1:]
+        e[:, 0, :] = e[:, -1, :] = False  # the image edge closes the contour
+        e[:, :, 0] = e[:, :, -1] = False
+        inner = e
+    out: npt.NDArray[np.bool_] = mask & ~inner
+    return out
+
+
+def _overlay_blocks(
+    st: _Stack, ms: _MaskStack, i0: int, i1: int, labels: Sequence[int]
+) -> Iterator[memoryview]:
+    for b in range(i0, i1, _BLOCK_FRAMES):
+        e = min(i1, b + _BLOCK_FRAMES)
+        gray = _gray_block(st.block(b, e))
+        if gray.dtype == np.uint16:
+            gray = (np.asarray(gray, np.uint16) >> 8).astype(np.uint8)  # 16-bit: shown at the top 8 bits
+        rgb = np.repeat(np.asarray(gray, np.uint8)[..., None], 3, axis=3)
+        lab = ms.block(b, e)
+        for value in labels:
+            rgb[_contours(lab == value)] = OVERLAY_COLOURS[value]
+        yield rgb.data.cast("B")
+
+
+def write_overlay(
+    images: Images,
+    masks: npt.NDArray[np.uint8] | Sequence[npt.NDArray[np.uint8]],
+    sources: Sequence[WrittenObject],
+    out_dir: Path,
+    study: PatientStudy,
+    *,
+    labels: Sequence[int] = (INSTRUMENT, TARGET),
+    modality: str = "US",
+    times_s: Sequence[float] | npt.NDArray[np.floating] | None = None,
+    fps: float | None = None,
+    series: SeriesInfo | None = None,
+    equipment: Equipment = Equipment(),
+    start_time: _dt.datetime | None = None,
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+) -> list[WrittenObject]:
+    """Write a derived copy of the frames with the AI's contours burned in, as Multi-frame True Color
+    Secondary Capture (PS3.3 A.8.5) in its own series, labelled as such.
+
+    The pixels are the source frames in gray with the contour of each label in ``labels`` drawn in its
+    :data:`OVERLAY_COLOURS` colour; Image Type is DERIVED\\SECONDARY, Burned In Annotation YES, and the
+    Source Image Sequence references the source instance and frames each overlay instance was made from.
+    RGB is three times the source's size, so instances are split by their own size limit.
+
+    Args:
+        images, masks: the source frames and their label maps (same count, same geometry).
+        sources: the image instances written for the same frames (from :func:`write_us_cine` or
+            :func:`write_secondary_capture`), in order.
+        modality: as given to the source's writer ("US", "XF", "RF", "XA", "OT").
+    """
+    dicom_modality = _SC_MODALITIES.get(modality.upper())
+    if dicom_modality is None:
+        raise ValueError(f"unknown modality {modality!r}; one of {', '.join(_SC_MODALITIES)}")
+    st, rows, cols, _ = _stack(images)
+    ms = _mask_stack(masks)
+    total = sum(s.frames for s in sources)
+    if len(st) != total or len(ms) != total:
+        raise ValueError(f"{len(st)} frames and {len(ms)} masks for {total} source frames")
+    unknown = [v for v in labels if v not in OVERLAY_COLOURS]
+    if unknown:
+        raise ValueError(f"no overlay colour for label value(s) {unknown}")
+    _require_resolved(study)
+    t = frame_times_s(images, times_s, fps)
+    start = _start_datetime(images, start_time)
+    series = series or SeriesInfo(200, OVERLAY_SERIES_DESCRIPTION)
+    out: list[WrittenObject] = []
+    instance = 0
+    offset = 0
+    for src in sources:
+        for p0, p1 in _parts(src.frames, rows * cols * 3, max_instance_bytes):
+            i0, i1 = offset + p0, offset + p1
+            instance += 1
+            uid = new_uid()
+            t_part = start + _dt.timedelta(seconds=float(t[i0] - t[0]))
+            ds = _base_dataset(
+                SC_MULTIFRAME_RGB,
+                uid,
+                study=study,
+                series=series,
+                modality=dicom_modality,
+                equipment=equipment,
+                instance_number=instance,
+                content_time=t_part,
+            )
+            ds.PatientOrientation = ""  # General Image, type 2C
+            ds.ImageType = ["DERIVED", "SECONDARY"]
+            ds.DerivationDescription = "AI segmentation contours (needle/catheter, target) drawn into pixels"
+            ref = Dataset()  # General Image: Source Image Sequence (the frames this copy was made from)
+            ref.ReferencedSOPClassUID = src.sop_class_uid
+            ref.ReferencedSOPInstanceUID = src.sop_instance_uid
+            ref.ReferencedFrameNumber = list(range(p0 + 1, p1 + 1)) if p1 - p0 > 1 else p0 + 1
+            ref.PurposeOfReferenceCodeSequence = DicomSequence(
+                [_code(("121322", "DCM", "Source image for image processing operation"))]
+            )
+            ds.SourceImageSequence = DicomSequence([ref])
+            # SC Equipment (C.8.6.1)
+            ds.ConversionType = "WSD"  # workstation: rendered by us, not digitized
+            ds.SecondaryCaptureDeviceManufacturer = equipment.manufacturer
+            ds.SecondaryCaptureDeviceManufacturerModelName = equipment.model_name
+            ds.SecondaryCaptureDeviceSoftwareVersions = equipment.software_version
+            # SC Image (C.8.6.2)
+            ds.DateOfSecondaryCapture = _da(t_part)
+            ds.TimeOfSecondaryCapture = _tm(t_part)
+            _image_pixel(ds, rows, cols, np.dtype(np.uint8), "RGB")
+            # SC Multi-frame Image (C.8.6.3): the contours are burned-in annotation
+            ds.BurnedInAnnotation = "YES"
+            ds.RecognizableVisualFeatures = "NO"
+            # Cine (C.7.6.5) + Multi-frame (C.7.6.6)
+            _add_cine(ds, t[i0:i1])
+            ds.LossyImageCompression = "00"
+            path = out_dir / f"OV_{series.number:03d}_{instance:04d}.dcm"
+            size = _write_file(
+                path, ds, "OB", _overlay_blocks(st, ms, i0, i1, labels), (i1 - i0) * rows * cols * 3
+            )
+            out.append(
+                WrittenObject(
+                    path,
+                    "overlay",
+                    SC_MULTIFRAME_RGB,
+                    uid,
+                    series.uid,
+                    study.study_instance_uid,
+                    i1 - i0,
+                    src.first_frame + p0,
+                    size,
+                )
+            )
+            logger.info("Wrote overlay part %d: %d frames, %d bytes", instance, i1 - i0, size)
+        offset += src.frames
+    return out

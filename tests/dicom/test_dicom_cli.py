@@ -10,11 +10,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 
 from guidance.cli import main
 from guidance.dicom.export import export_dicom
 from guidance.dicom.from_recording import LABELS_ENCODING
 from guidance.dicom.study import new_uid
+from guidance.dicom.transcode import RLE_LOSSLESS
+from guidance.dicom.writers import SC_MULTIFRAME_RGB, SEGMENTATION, US_MULTIFRAME
 from streaming.igtl import encode_image
 from streaming.igtl.wire import RawMessage
 from streaming.recording import RecordingWriter
@@ -129,3 +132,47 @@ def test_dicom_cli_archive_pacs_down_keeps_spool(
     assert main(args) == 1
     assert "kept in the spool" in capsys.readouterr().err
     assert len(list((tmp_path / "spool" / "objects").iterdir())) == 2
+
+
+def test_dicom_cli_archive_overlay_compressed(  # noqa: PLR0917 - fixtures
+    orthanc: Any, our_aet: str, pacs_aet: str, recording: Any, tmp_path: Path, dciodvfy: Any
+) -> None:
+    """--overlay adds the burned-in RGB series; --compress sends lossless RLE where Orthanc accepts it."""
+    path, images, _, study_uid = recording
+    args = [
+        "archive",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(orthanc.dicom_port),
+        "--aec",
+        pacs_aet,
+        "--aet",
+        our_aet,
+        "--spool",
+        str(tmp_path / "spool"),
+        "--overlay",
+        "--compress",
+    ]
+    assert main(args) == 0
+    found = orthanc.post(
+        "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+    )
+    by_class = {i["MainDicomTags"].get("SOPInstanceUID"): i["ID"] for i in found}
+    assert len(by_class) == 3
+    syntaxes = {}
+    for oid in by_class.values():
+        f = tmp_path / f"{oid}.dcm"
+        f.write_bytes(orthanc.get_bytes(f"/instances/{oid}/file"))
+        ds = pydicom.dcmread(f)
+        syntaxes[str(ds.SOPClassUID)] = str(ds.file_meta.TransferSyntaxUID)
+        assert dciodvfy(f) == [], ds.SOPClassUID
+        if ds.SOPClassUID == SC_MULTIFRAME_RGB:
+            assert ds.pixel_array.shape == (*images.shape, 3)
+            assert "AI overlay" in ds.SeriesDescription
+    assert syntaxes == {
+        US_MULTIFRAME: RLE_LOSSLESS,
+        SC_MULTIFRAME_RGB: RLE_LOSSLESS,
+        SEGMENTATION: str(ExplicitVRLittleEndian),
+    }

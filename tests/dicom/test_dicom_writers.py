@@ -12,12 +12,15 @@ import pytest
 
 from guidance.dicom.study import PatientStudy, StudyValidationError, manual_entry
 from guidance.dicom.writers import (
+    OVERLAY_COLOURS,
     SC_MULTIFRAME_BYTE,
+    SC_MULTIFRAME_RGB,
     SC_MULTIFRAME_WORD,
     SEGMENTATION,
     US_MULTIFRAME,
     AlgorithmInfo,
     SeriesInfo,
+    write_overlay,
     write_secondary_capture,
     write_segmentation,
     write_us_cine,
@@ -233,3 +236,40 @@ def test_dicom_memmap_source_written_exactly(tmp_path: Path, study: PatientStudy
     (obj,) = write_us_cine(mm, tmp_path / "out", study, times_s=times)
     np.testing.assert_array_equal(pydicom.dcmread(obj.path).pixel_array, images)
     np.testing.assert_array_equal(mm, images)  # still readable after the pages were dropped
+
+
+def test_dicom_overlay_valid_labelled_and_referenced(
+    tmp_path: Path, study: PatientStudy, cine: Cine, dciodvfy: Any
+) -> None:
+    images, times, masks = cine
+    limit = 1_000_000 + 5 * images[0].nbytes  # source: 5 frames per instance -> parts of 5, 5, 2
+    src = write_us_cine(images, tmp_path, study, times_s=times, max_instance_bytes=limit)
+    ovs = write_overlay(images, masks, src, tmp_path, study, times_s=times, max_instance_bytes=limit)
+    assert [o.frames for o in ovs] == [1] * len(images)  # RGB is 3x the size: split by its own limit
+    limit = 1_000_000 + 30 * images[0].nbytes
+    ovs = write_overlay(images, masks, src, tmp_path / "b", study, times_s=times, max_instance_bytes=limit)
+    assert [o.frames for o in ovs] == [5, 5, 2]
+    for ov, part in zip(ovs, src, strict=True):
+        assert ov.sop_class_uid == SC_MULTIFRAME_RGB
+        assert dciodvfy(ov.path) == []
+        ds = pydicom.dcmread(ov.path)
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert ds.BurnedInAnnotation == "YES"
+        assert "AI overlay" in ds.SeriesDescription
+        assert ds.SeriesInstanceUID not in {s.series_instance_uid for s in src}
+        ref = ds.SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == part.sop_instance_uid
+        frames = ref.ReferencedFrameNumber
+        assert [int(f) for f in (frames if part.frames > 1 else [frames])] == list(range(1, part.frames + 1))
+        rgb = ds.pixel_array
+        assert rgb.shape == (part.frames, *images.shape[1:], 3)
+        sl = slice(part.first_frame, part.first_frame + part.frames)
+        gray = np.repeat(images[sl][..., None], 3, axis=3)
+        drawn = np.any(rgb != gray, axis=3)
+        assert not np.any(drawn & (masks[sl] == 0))  # only contour pixels of the masks changed
+        for value in (1, 2):
+            on_edge = rgb[drawn & (masks[sl] == value)]
+            assert on_edge.size
+            assert np.all(on_edge == OVERLAY_COLOURS[value])
+        # a mask's interior keeps the source pixels (contours, not filled areas)
+        assert np.array_equal(rgb[:, 35, 50], gray[:, 35, 50])

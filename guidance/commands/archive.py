@@ -6,20 +6,33 @@
 * ``guidance archive --echo --host H --port P --aec AET``: test the connection (C-ECHO).
 * ``guidance archive --resume --host H --port P --aec AET``: send what is left in the spool.
 
-Patient/study: ``--worklist`` (C-FIND on the same node, today's items for ``--modality``/``--station``;
-``--accession`` picks one), or ``--patient-name``/``--patient-id`` typed, else the recording's metadata.
+Patient/study: ``--worklist`` (C-FIND on the same node for ``--modality``/``--station`` on ``--date``,
+today by default; ``--accession`` picks one), or ``--patient-name``/``--patient-id`` typed, else the
+recording's metadata. DICOM TLS: ``--tls-ca`` (PACS certificate to trust) [``--tls-cert``/``--tls-key``].
+``--overlay`` adds the burned-in AI overlay series; ``--compress`` sends lossless compressed where accepted.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import re
+import ssl
 import sys
 from pathlib import Path
 
 from guidance.cli import CommandError
 from guidance.config import config_dir
 from guidance.dicom.export import ExportOptions, archive
-from guidance.dicom.network import DicomNetworkError, DicomNode, WorklistQuery, echo, find_worklist, today
+from guidance.dicom.network import (
+    DicomNetworkError,
+    DicomNode,
+    WorklistQuery,
+    echo,
+    find_worklist,
+    make_tls_context,
+    today,
+)
 from guidance.dicom.spool import Archiver, RetryPolicy, SendEvent, Spool, SpoolFullError
 from guidance.dicom.study import PatientStudy, StudyValidationError, manual_entry
 
@@ -39,6 +52,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--resume", action="store_true", help="only send what is left in the spool")
     p.add_argument("--wait", type=float, default=0.0, metavar="S", help="keep retrying up to S seconds")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    p.add_argument(
+        "--tls-ca", type=Path, default=None, help="use DICOM TLS; trust the PACS certificate(s) in FILE"
+    )
+    p.add_argument("--tls-cert", type=Path, default=None, help="TLS: our certificate (PEM), if the PACS asks")
+    p.add_argument("--tls-key", type=Path, default=None, help="TLS: the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-hostname", default=None, help="TLS: name on the PACS certificate (default --host)")
     p.add_argument("--modality", default="US", help="US (cine) or XF (frame-grabbed fluoroscopy -> SC)")
     p.add_argument("--device", default=None, help="IMAGE device in the recording")
     p.add_argument(
@@ -53,6 +72,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--worklist", action="store_true", help="take the patient from the Modality Worklist")
     p.add_argument("--station", default="", help="worklist: scheduled station AE title")
+    p.add_argument(
+        "--date",
+        default="today",
+        help="worklist: scheduled date YYYYMMDD, a range YYYYMMDD-YYYYMMDD, 'today' (default) or 'any'",
+    )
     p.add_argument("--accession", default="", help="worklist: pick the item with this accession number")
     p.add_argument("--patient-name", default="", help="typed patient name (Family^Given or 'Family, Given')")
     p.add_argument("--patient-id", default="", help="typed patient ID")
@@ -81,12 +105,14 @@ def _study(args: argparse.Namespace, node: DicomNode) -> PatientStudy | None:
         return manual_entry(args.patient_name, args.patient_id, birth_date=args.birth_date, sex=args.sex)
     if not args.worklist:
         return None
-    items = find_worklist(node, WorklistQuery(modality=args.modality, station_aet=args.station, date=today()))
+    date = worklist_date(args.date)
+    items = find_worklist(node, WorklistQuery(modality=args.modality, station_aet=args.station, date=date))
     if args.accession:
         items = [i for i in items if i.accession_number == args.accession]
     if len(items) != 1:
+        when = "today" if date == today() else f"date {date}" if date else "any date"
         raise CommandError(
-            f"the worklist has {len(items)} matching item(s) for today; "
+            f"the worklist has {len(items)} matching item(s) for {when}; "
             + (
                 "use --accession to pick one"
                 if items
@@ -94,6 +120,40 @@ def _study(args: argparse.Namespace, node: DicomNode) -> PatientStudy | None:
             )
         )
     return items[0]
+
+
+_DATE = re.compile(r"^\d{8}$")
+
+
+def worklist_date(text: str) -> str:
+    """``--date`` -> the C-FIND Scheduled Procedure Step Start Date: ``YYYYMMDD``, a range ``A-B`` (either
+    side may be open), ``today`` or ``any`` (empty: no filter)."""
+    t = text.strip().lower()
+    if t == "today":
+        return today()
+    if t in ("any", "all", ""):
+        return ""
+    parts = t.split("-")
+    if len(parts) > 2 or not all(_DATE.match(p) or (p == "" and len(parts) == 2) for p in parts):
+        raise CommandError("--date must be YYYYMMDD, YYYYMMDD-YYYYMMDD, 'today' or 'any'")
+    for p in parts:
+        if p:
+            try:
+                _dt.datetime.strptime(p, "%Y%m%d")
+            except ValueError:
+                raise CommandError(f"--date: {p} is not a calendar date") from None
+    return t
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise CommandError("--tls-cert/--tls-key need --tls-ca (the PACS certificate to trust)")
+        return None
+    try:
+        return make_tls_context(args.tls_ca, args.tls_cert, args.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"cannot load the TLS certificates: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         network_timeout_s=args.timeout,
         dimse_timeout_s=max(args.timeout, 60.0),
         prefer_compression=args.compress,
+        tls=_tls(args),
+        tls_server_hostname=args.tls_hostname,
     )
     if args.echo:
         res = echo(node)

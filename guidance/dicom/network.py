@@ -11,6 +11,7 @@ when the peer did not accept the file's own syntax, a streamed copy in an accept
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -113,6 +114,24 @@ class DicomNode:
         return ae
 
 
+def make_tls_context(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A client context for DICOM TLS (PS3.15 B.1 / BCP 195: TLS 1.2 or newer, peer verified).
+
+    ``ca_file``: the certificate(s) that sign the PACS's certificate (a self-signed PACS: its own
+    certificate). ``cert_file``/``key_file``: our certificate, for PACS that authenticate their callers.
+
+    Raises:
+        OSError / ssl.SSLError: a file is missing or not a certificate/key.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file is not None else None)
+    return ctx
+
+
 @dataclass(frozen=True, slots=True)
 class EchoResult:
     ok: bool
@@ -120,10 +139,12 @@ class EchoResult:
 
 
 def _check_reachable(node: DicomNode) -> None:
-    """Open and close a TCP connection to give a precise reason before DICOM negotiation."""
+    """Open and close a TCP connection (with the TLS handshake when TLS is on) to give a precise reason
+    before DICOM negotiation."""
     try:
-        with socket.create_connection((node.host, node.port), timeout=node.connect_timeout_s):
-            pass
+        with socket.create_connection((node.host, node.port), timeout=node.connect_timeout_s) as sock:
+            if node.tls is not None:
+                _check_tls(node, node.tls, sock)
     except ConnectionRefusedError:
         raise DicomNetworkError(
             f"nothing is listening at {node.host}:{node.port} (connection refused); "
@@ -144,6 +165,34 @@ def _check_reachable(node: DicomNode) -> None:
         ) from None
 
 
+def _check_tls(node: DicomNode, ctx: ssl.SSLContext, sock: socket.socket) -> None:
+    try:
+        # wrap_socket on a connected socket runs the handshake (the peer's certificate is checked) now
+        ctx.wrap_socket(sock, server_hostname=node.tls_server_hostname or node.host).close()
+    except ssl.SSLCertVerificationError as exc:
+        raise DicomNetworkError(
+            f"the TLS certificate of {node.host}:{node.port} is not trusted ({exc.verify_message}); "
+            "check the CA certificate and the host name in the settings",
+            transient=False,
+        ) from None
+    except ssl.SSLError as exc:
+        raise DicomNetworkError(
+            f"TLS with {node.host}:{node.port} failed ({exc.reason or exc}); does the PACS expect TLS, "
+            "and our certificate?",
+            transient=False,
+        ) from None
+
+
+def _close_transport(assoc: Association) -> None:
+    """Close the socket of an association that failed to establish (pynetdicom can leave it open when
+    the peer dropped the connection during a TLS or association handshake)."""
+    transport = assoc.dul.socket
+    raw = transport.socket if transport is not None else None
+    if raw is not None:
+        with contextlib.suppress(OSError):
+            raw.close()
+
+
 def _associate(node: DicomNode, ae: AE) -> Association:
     """Associate with ``node`` or raise DicomNetworkError with the reason in plain words."""
     _check_reachable(node)
@@ -151,6 +200,7 @@ def _associate(node: DicomNode, ae: AE) -> Association:
     assoc = ae.associate(node.host, node.port, ae_title=node.called_aet, tls_args=tls_args)
     if assoc.is_established:
         return assoc
+    _close_transport(assoc)
     rsp = assoc.acceptor.primitive
     if assoc.is_rejected and rsp is not None:
         result, source, diag = int(rsp.result or 0), int(rsp.result_source or 0), int(rsp.diagnostic or 0)
@@ -178,6 +228,7 @@ def echo(node: DicomNode) -> EchoResult:
     try:
         assoc = _associate(node, ae)
     except DicomNetworkError as exc:
+        ae.shutdown()
         return EchoResult(False, exc.reason)
     try:
         status = assoc.send_c_echo()
@@ -392,7 +443,11 @@ def find_worklist(node: DicomNode, query: WorklistQuery) -> list[PatientStudy]:
     ae = node.make_ae()
     ae.add_requested_context(ModalityWorklistInformationFind)
     identifier = _mwl_identifier(query)
-    assoc = _associate(node, ae)
+    try:
+        assoc = _associate(node, ae)
+    except DicomNetworkError:
+        ae.shutdown()
+        raise
     items: list[PatientStudy] = []
     try:
         for status, ds in _iter_find(assoc, identifier):

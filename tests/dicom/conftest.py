@@ -297,6 +297,77 @@ def storescp_rle_only(tmp_path: Path) -> Iterator[StoreSCP]:
     yield from _run_storescp(tmp_path, "storescp-rle", ["--config-file", str(cfg), "RleImages"])
 
 
+# ------------------------------------------------------------------------------------------- TLS
+OPENSSL = shutil.which("openssl")
+
+
+@dataclass(frozen=True)
+class Certs:
+    server_crt: Path
+    server_key: Path
+    client_crt: Path
+    client_key: Path
+    other_crt: Path  # a certificate that signed nothing here
+
+
+def _self_signed(folder: Path, name: str, cn: str) -> tuple[Path, Path]:
+    assert OPENSSL is not None
+    crt, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(
+        [
+            OPENSSL,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={cn}",
+            "-addext",
+            f"subjectAltName=DNS:{cn},IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return crt, key
+
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    if OPENSSL is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("certs")
+    s_crt, s_key = _self_signed(d, "server", "localhost")
+    c_crt, c_key = _self_signed(d, "client", "guidance-test")
+    o_crt, _ = _self_signed(d, "other", "localhost")
+    return Certs(s_crt, s_key, c_crt, c_key, o_crt)
+
+
+@pytest.fixture
+def tls_storescp(tmp_path: Path, tls_certs: Certs) -> Iterator[StoreSCP]:
+    """storescp with TLS, its self-signed certificate, and our client certificate required."""
+    yield from _run_storescp(
+        tmp_path,
+        "storescp-tls",
+        [
+            "+tls",
+            str(tls_certs.server_key),
+            str(tls_certs.server_crt),
+            "-pw",  # the key has no password
+            "+cf",
+            str(tls_certs.client_crt),
+            "-rc",  # require (and verify) the caller's certificate
+        ],
+    )
+
+
 # ------------------------------------------------------------------------------------------ data
 @pytest.fixture
 def study() -> PatientStudy:

@@ -12,9 +12,11 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from guidance.cli import main
+from guidance.cli import CommandError, main
+from guidance.commands.archive import worklist_date
 from guidance.dicom.export import export_dicom
 from guidance.dicom.from_recording import LABELS_ENCODING
+from guidance.dicom.network import today
 from guidance.dicom.study import new_uid
 from guidance.dicom.transcode import RLE_LOSSLESS
 from guidance.dicom.writers import SC_MULTIFRAME_RGB, SEGMENTATION, US_MULTIFRAME
@@ -176,3 +178,63 @@ def test_dicom_cli_archive_overlay_compressed(  # noqa: PLR0917 - fixtures
         SC_MULTIFRAME_RGB: RLE_LOSSLESS,
         SEGMENTATION: str(ExplicitVRLittleEndian),
     }
+
+
+def test_dicom_cli_worklist_date_filter(  # noqa: PLR0917 - fixtures
+    orthanc: Any,
+    our_aet: str,
+    pacs_aet: str,
+    recording: Any,
+    tmp_path: Path,
+    make_worklist_item: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--date picks the worklist item scheduled that day (default today); 'any' sees both."""
+    path = recording[0]
+    uid_old, uid_today = new_uid(), new_uid()
+    station = "DATE_ROOM"
+    orthanc.add_worklist(
+        "dated",
+        make_worklist_item(uid_old, modality="US", station=station, date="20240102", pid="D1", name="Da^One"),
+    )
+    orthanc.add_worklist(
+        "today",
+        make_worklist_item(uid_today, modality="US", station=station, date=today(), pid="D2", name="Da^Two"),
+    )
+    base = [
+        "archive",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(orthanc.dicom_port),
+        "--aec",
+        pacs_aet,
+        "--aet",
+        our_aet,
+        "--spool",
+        str(tmp_path / "spool"),
+        "--worklist",
+        "--station",
+        station,
+    ]
+    assert main([*base, "--date", "20240101-20240131"]) == 0
+    assert len(orthanc.instance_uids(uid_old)) == 2
+    assert main(base) == 0  # default: today
+    assert len(orthanc.instance_uids(uid_today)) == 2
+    assert main([*base, "--date", "any"]) == 1
+    err = capsys.readouterr().err
+    assert "2 matching item(s) for any date" in err
+    assert "Da^" not in err  # never log patient data
+    assert main([*base, "--date", "2024-01-02"]) == 1
+    assert "--date must be" in capsys.readouterr().err
+
+
+def test_dicom_worklist_date_values() -> None:
+    assert worklist_date("today") == today()
+    assert worklist_date("any") == ""
+    assert worklist_date("20240102") == "20240102"
+    assert worklist_date("20240101-") == "20240101-"
+    for bad in ("2024", "20241301", "1-2-3", "yesterday"):
+        with pytest.raises(CommandError):
+            worklist_date(bad)

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int)
     ap.add_argument("--aec", default="ORTHANC_BENCH")
     ap.add_argument("--aet", default="GUIDANCE")
+    ap.add_argument("--compress", action="store_true", help="send lossless compressed (RLE) copies")
     args = ap.parse_args(argv)
 
     imgs, mpool = _pool()
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             orthanc, port, http = start_orthanc(work / "orthanc")
             host = "127.0.0.1"
-        node = DicomNode(host, port, args.aec, args.aet)
+        node = DicomNode(host, port, args.aec, args.aet, prefer_compression=args.compress)
         study = manual_entry("Bench^Mark", "BENCH-1").resolved()
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         pacs_cpu0 = _proc_cpu_s(orthanc.pid) if orthanc is not None else None
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         total_bytes = sum(o.size_bytes for o in objs)
         result: dict[str, Any] = {
             "frames": args.frames,
+            "compress": args.compress,
             "rows": ROWS,
             "cols": COLS,
             "fps": FPS,

@@ -8,5 +8,6 @@ Public entry points (import from the submodules; this package does not import th
 - :class:`guidance.dicom.spool.Spool`, :class:`guidance.dicom.spool.Archiver` - store-and-forward.
 - :func:`guidance.dicom.network.echo`, :func:`guidance.dicom.network.find_worklist`.
 - :func:`guidance.dicom.study.manual_entry`, :class:`guidance.dicom.study.PatientStudy`.
-- :mod:`guidance.dicom.writers` - the object writers (US cine, SC byte/word, SEG).
+- :mod:`guidance.dicom.writers` - the object writers (US cine, SC byte/word, SEG, burned-in AI overlay).
+- :mod:`guidance.dicom.transcode` - streamed lossless compressed / Implicit VR copies for C-STORE.
 """

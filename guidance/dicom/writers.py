@@ -1,4 +1,4 @@
-"""DICOM object writers: US cine, multi-frame Secondary Capture, binary Segmentation, burned-in overlay.
+"""DICOM object writers: US cine, multi-frame Secondary Capture, binary Segmentation, burned-in AI overlay.
 
 Every mandatory attribute of each IOD is filled here, with the PS3.3 module it belongs to in a comment.
 Objects are written *streaming*: the header is encoded with pydicom, then (7FE0,0010) Pixel Data is
@@ -10,7 +10,8 @@ Long recordings are split into several instances of the same series so that no i
 ``max_instance_bytes`` (default just under 2 GB); each part holds as many frames as fit, never one
 instance per frame. A Segmentation is written per source part and references that part's frames.
 
-Transfer syntax: Explicit VR Little Endian (uncompressed) for every object.
+Transfer syntax: Explicit VR Little Endian (uncompressed) for every object written here; lossless
+compressed copies for the network are made by :mod:`guidance.dicom.transcode`.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     out.add_argument(
         "--dicom", type=Path, metavar="DIR", help="write DICOM cine (+ SEG of the AI masks) into DIR"
     )
+    p.add_argument("--overlay", action="store_true", help="--dicom: also write a burned-in AI overlay copy")
     p.add_argument("--patient-name", default="", help="--dicom: typed patient name (Family^Given)")
     p.add_argument("--patient-id", default="", help="--dicom: typed patient ID")
     p.add_argument(
@@ -72,7 +73,7 @@ def _export_recording(args: argparse.Namespace) -> str:
 def _export_dicom(args: argparse.Namespace) -> str:
     from engines import registry
     from engines.base import EngineError
-    from guidance.dicom.export import export_dicom
+    from guidance.dicom.export import ExportOptions, export_dicom
     from guidance.dicom.study import StudyValidationError, manual_entry
 
     study = None
@@ -95,6 +96,7 @@ def _export_dicom(args: argparse.Namespace) -> str:
             args.dicom,
             study,
             engine=engine,
+            options=ExportOptions(overlay=args.overlay),
             progress=lambda stage, n: _say(f"\r{stage}: {n}", end=""),
         )
     finally:

@@ -83,6 +83,7 @@ def test_live_recording_exports_to_dicom_cine_and_seg(tmp_path: Path) -> None:
             "Phantom^Test",
             "--patient-id",
             "PH-001",
+            "--overlay",
         ],
         capture_output=True,
         text=True,
@@ -94,3 +95,4 @@ def test_live_recording_exports_to_dicom_cine_and_seg(tmp_path: Path) -> None:
     )
     assert "1.2.840.10008.5.1.4.1.1.3.1" in sop_classes  # US Multi-frame Image
     assert "1.2.840.10008.5.1.4.1.1.66.4" in sop_classes  # Segmentation
+    assert "1.2.840.10008.5.1.4.1.1.7.4" in sop_classes  # Multi-frame True Color SC: the burned-in overlay

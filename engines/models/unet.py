@@ -266,16 +266,22 @@ def count_parameters(model: nn.Module) -> int:
 class _ExportWrapper(nn.Module):
     """Adds argmax labels and the instrument softmax to the graph."""
 
-    def __init__(self, model: nn.Module, include_argmax: bool):
+    def __init__(self, model: nn.Module, include_argmax: bool, instrument_logit_bias: float = 0.0):
         super().__init__()
         self.model = model
         self.include_argmax = include_argmax
+        self.instrument_logit_bias = float(instrument_logit_bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits: torch.Tensor = self.model(x)
         if not self.include_argmax:
             return (logits,)
-        labels = torch.argmax(logits, dim=1).to(torch.uint8)
+        decide = logits
+        if self.instrument_logit_bias:
+            shift = torch.zeros((1, logits.shape[1], 1, 1), dtype=logits.dtype)
+            shift[0, 1] = self.instrument_logit_bias
+            decide = logits - shift
+        labels = torch.argmax(decide, dim=1).to(torch.uint8)
         prob = torch.softmax(logits, dim=1)[:, 1]
         return logits, labels, prob
 
@@ -299,13 +305,16 @@ def export_onnx(
     height: int,
     width: int,
     include_argmax: bool = True,
+    instrument_logit_bias: float = 0.0,
 ) -> Path:
     """Export ``model`` to ONNX with a fixed ``(1, C, height, width)`` input named ``image``.
 
     Outputs: ``logits`` (1, K, H, W) float32, and with ``include_argmax`` also ``labels`` (1, H, W) uint8
     (argmax over classes) and ``instrument_prob`` (1, H, W) float32 (softmax of class 1). The model is
     exported in eval mode (BatchNorm folded into the convolutions by constant folding) and the file is
-    checked with ``onnx.checker``. Returns the path.
+    checked with ``onnx.checker``. ``instrument_logit_bias`` (>= 0) is subtracted from the instrument logit
+    before the in-graph argmax only (``logits`` and ``instrument_prob`` are unchanged): an operating point
+    that trades a little instrument recall for far fewer false instrument pixels. Returns the path.
     """
     import onnx
 
@@ -314,7 +323,7 @@ def export_onnx(
     in_ch = int(getattr(getattr(model, "config", None), "in_channels", 1))
     was_training = model.training
     model.eval()
-    wrapper = _ExportWrapper(model, include_argmax).eval()
+    wrapper = _ExportWrapper(model, include_argmax, instrument_logit_bias).eval()
     names = [LOGITS_NAME, LABELS_NAME, PROB_NAME] if include_argmax else [LOGITS_NAME]
     dummy = torch.zeros((1, in_ch, height, width), dtype=torch.float32)
     try:
@@ -395,6 +404,7 @@ def write_model_card(
     opset: int = 17,
     macs: int | None = None,
     parameters: int | None = None,
+    instrument_logit_bias: float = 0.0,
 ) -> dict[str, Any]:
     """Write the JSON model card next to the ONNX file and return it as a dict.
 
@@ -426,8 +436,9 @@ def write_model_card(
             "names": [t["name"] for t in tensors],
             "tensors": tensors,
             "labels_included": include_argmax,
-            "notes": "labels = argmax(logits, axis=1) as uint8; "
+            "notes": "labels = argmax(logits - instrument_logit_bias on class 1, axis=1) as uint8; "
             "instrument_prob = softmax(logits, axis=1)[:, 1]",
+            "instrument_logit_bias": instrument_logit_bias,
         },
         "architecture": {
             "family": "U-Net, depthwise-separable convolutions",
@@ -471,6 +482,7 @@ def export_model_asset(
     width: int,
     include_argmax: bool = True,
     opset: int = 17,
+    instrument_logit_bias: float = 0.0,
 ) -> tuple[Path, Path]:
     """Export ``<directory>/<name>.onnx`` and write ``<directory>/<name>.json``; return both paths."""
     directory = Path(directory)
@@ -481,6 +493,7 @@ def export_model_asset(
         height=height,
         width=width,
         include_argmax=include_argmax,
+        instrument_logit_bias=instrument_logit_bias,
     )
     card_path = directory / f"{info.name}.json"
     write_model_card(
@@ -494,6 +507,7 @@ def export_model_asset(
         opset=opset,
         macs=count_macs(model, (1, model.config.in_channels, height, width)),
         parameters=count_parameters(model),
+        instrument_logit_bias=instrument_logit_bias,
     )
     return onnx_path, card_path
 

@@ -167,3 +167,21 @@ def test_model_preprocess_normalisation_rules() -> None:
     assert x.shape == (1, 1, 128, 96)
     assert x.dtype == np.float32
     assert x.flags.c_contiguous
+
+
+def test_model_instrument_logit_bias_only_changes_labels(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(TINY_CONFIG).eval()
+    bias = model.head.bias
+    assert bias is not None
+    with torch.no_grad():
+        bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # instrument everywhere without the bias
+    x = np.random.default_rng(1).random((1, 1, 32, 32), dtype=np.float32)
+    plain = export_onnx(model, tmp_path / "a.onnx", height=32, width=32, include_argmax=True)
+    biased = export_onnx(model, tmp_path / "b.onnx", height=32, width=32, instrument_logit_bias=100.0)
+    pa = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    pb = ort.InferenceSession(str(biased), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    np.testing.assert_allclose(pa[0], pb[0], atol=1e-6)
+    np.testing.assert_allclose(pa[2], pb[2], atol=1e-6)
+    assert int((pa[1] == 1).sum()) > 0
+    assert int((pb[1] == 1).sum()) == 0

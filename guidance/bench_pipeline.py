@@ -7,6 +7,7 @@ wall-clock stamp, valid because sender and receiver share the host clock).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import psutil
 from engines.base import EngineInfo, SegmentationEngine, SegmentationOutput
 from guidance.bench_report import write_pipeline_report
 from guidance.bench_series import ResultSeries, SampleSeries, soak_summary
-from guidance.config import EngineSettings, Settings, SimulatorSettings, load_settings, replace
+from guidance.config import Settings, load_settings, replace
 from guidance.session import LiveSession
 
 logger = logging.getLogger(__name__)
@@ -75,17 +76,30 @@ class PipelineBenchConfig:
     budget_ms: float = 0.0
     seed: int = 0
     report_dir: Path | None = None
+    step_down: str | None = None  # None: as in the settings
     soak_window_s: float = 0.0  # >0: report steadiness (memory, first vs last window p99)
 
 
 def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> dict[str, Any]:
     base = load_settings()
+    # Start from the user's settings (file + environment) and override only what the bench controls.
     settings: Settings = replace(
         base,
-        simulator=SimulatorSettings(
-            modality=cfg.modality, fps=cfg.fps, width=cfg.width, height=cfg.height, seed=cfg.seed
+        simulator=dataclasses.replace(
+            base.simulator,
+            modality=cfg.modality,
+            fps=cfg.fps,
+            width=cfg.width,
+            height=cfg.height,
+            seed=cfg.seed,
         ),
-        engine=EngineSettings(backend=cfg.backend, model=cfg.model, budget_ms=cfg.budget_ms),
+        engine=dataclasses.replace(
+            base.engine,
+            backend=cfg.backend,
+            model=cfg.model,
+            budget_ms=cfg.budget_ms,
+            step_down=base.engine.step_down if cfg.step_down is None else cfg.step_down,
+        ),
     )
     engine: SegmentationEngine | None = None
     if cfg.slow_ms > 0:

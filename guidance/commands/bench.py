@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--slow-ms", type=float, default=0.0, help="add this delay to every inference (budget test)"
     )
+    p.add_argument(
+        "--step-down",
+        default=None,
+        metavar="BACKENDS",
+        help="engines to step down to when over budget, comma-separated ('' disables; default from settings)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument(
         "--report", type=Path, default=None, metavar="DIR", help="also write PNG plots + index.html here"
@@ -78,6 +84,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         slow_ms=args.slow_ms,
         budget_ms=args.budget_ms,
         report_dir=args.report,
+        step_down=args.step_down,
         soak_window_s=soak_window,
     )
     report = run_pipeline_bench(cfg, progress=sys.stderr.isatty())

@@ -54,7 +54,9 @@ class StepDownPolicy:
     waits in the slot depends on when it arrived relative to the worker, not on the engine.
     """
 
-    window: int = 15  # results considered
+    # ~2 s at 30 fps: a passing load spike (another process, a GC pause) must not downgrade the engine for
+    # the rest of the session; only sustained overload does.
+    window: int = 60  # results considered
     over_fraction: float = 0.8  # step down when this fraction of the window ran over budget
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from guidance.latency import LatencyHistogram
+from guidance.recorder import bench_record
 from streaming.igtl.bench import IMPLS, SIZES, run_transport_bench
+from streaming.replay import bench_replay
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,13 @@ def add_transport_bench(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), metavar="IMPL")
     p.add_argument("--fps", type=float, default=30.0)
     p.add_argument("--seconds", type=float, default=5.0, help="sending time per size and implementation")
-    p.add_argument("--json", type=Path, default=None, help="write the report here (key 'transport')")
+    p.add_argument(
+        "--json", type=Path, default=None, help="write the report (transport, replay_jitter_ms, record)"
+    )
+    p.add_argument(
+        "--replay-frames", type=int, default=300, help="frames for the replay timing test (0: skip)"
+    )
+    p.add_argument("--record-seconds", type=float, default=5.0, help="1024x768 at 60 fps recording (0: skip)")
     p.set_defaults(func=run)
 
 
@@ -78,6 +86,35 @@ def run(args: argparse.Namespace) -> int:
         progress=_progress,
     )
     sys.stdout.write(format_table(report["transport"]) + "\n")
+    if args.replay_frames > 0:
+        _progress(f"replay timing: {args.replay_frames} frames 640x480 at 30 fps")
+        rp = bench_replay(frames=args.replay_frames, fps=30.0, width=640, height=480)
+        report["replay_jitter_ms"] = {
+            "p50": rp["timing_error_p50_ms"],
+            "p99": rp["timing_error_p99_ms"],
+            "max": rp["timing_error_max_ms"],
+            "frames": rp["sent"],
+        }
+        sys.stdout.write(
+            "replay send-timing error (actual - scheduled): "
+            f"p50 {rp['timing_error_p50_ms']:.3f} ms, p99 {rp['timing_error_p99_ms']:.3f} ms, "
+            f"max {rp['timing_error_max_ms']:.3f} ms\n"
+        )
+    if args.record_seconds > 0:
+        _progress(f"recording: 1024x768 at 60 fps for {args.record_seconds:g} s")
+        rec = bench_record(width=1024, height=768, fps=60.0, seconds=args.record_seconds)
+        report["record"] = {
+            "fps_in": rec["fps_in"],
+            "fps_written": rec["fps_written"],
+            "dropped": int(rec["dropped"]),
+            "frames": int(rec["frames"]),
+            "written": int(rec["written"]),
+            "mb_per_s": rec["mb_per_s"],
+        }
+        sys.stdout.write(
+            f"recording 1024x768 @60 fps: in {rec['fps_in']:.1f} fps, written {int(rec['written'])} of "
+            f"{int(rec['frames'])}, dropped {int(rec['dropped'])}, {rec['mb_per_s']:.0f} MB/s\n"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8")

@@ -108,7 +108,7 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, progress: bool = True) -> di
         inner = registry.create(cfg.backend, **({"model": cfg.model} if cfg.model else {}))
         engine = SlowedEngine(inner, cfg.slow_ms)
     t0_ns = time.perf_counter_ns()
-    series = ResultSeries(t0_ns)
+    series = ResultSeries(t0_ns, capacity=cfg.frames + 64)  # preallocated: no growth steps in RSS
     samples = SampleSeries()
     session = LiveSession(
         settings, simulate=True, engine=engine, max_frames=cfg.frames, result_sinks=(series,)

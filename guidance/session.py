@@ -33,6 +33,9 @@ from streaming.igtl import ConnectionEvent, IGTLClient
 
 logger = logging.getLogger(__name__)
 
+#: Frames after which a live source's measured rate sets the default budget (one frame interval).
+BUDGET_FROM_RATE_AFTER = 30
+
 
 @dataclass(frozen=True, slots=True)
 class PipelineStats:
@@ -105,7 +108,6 @@ class LiveSession:
         self._stale_paints = 0
         self._received = 0
         self._started = False
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -341,13 +343,25 @@ class LiveSession:
 
     # ------------------------------------------------------------------ receiver thread callbacks
     def _on_frame(self, frame: Frame) -> None:
-        # Runs on the receiver thread: two reference stores and a counter, nothing else.
+        # Runs on the receiver thread: two reference stores, counters and one histogram bucket.
         self.display.put(frame)
         self.frames.put(frame)
         self._received += 1
         self.input_rate.tick(frame.receive_ns)
         if frame.sender_time_ns:
             self.monitor.record_ns("sent_to_received", frame.receive_wall_ns - frame.sender_time_ns)
+        if self._received == BUDGET_FROM_RATE_AFTER:
+            self._budget_from_source_rate()
+
+    def _budget_from_source_rate(self) -> None:
+        """A live source's frame rate is known only once frames arrive: unless the user set a budget, make
+        it one measured frame interval of the source (the simulator's rate is known from the start)."""
+        worker = self.worker
+        rate = self.input_rate.rate()
+        if self.simulate or self.settings.engine.budget_ms or worker is None or rate <= 0:
+            return
+        worker.budget_ms = default_budget_ms(rate)
+        logger.info("Latency budget set to %.1f ms from the source's %.1f fps", worker.budget_ms, rate)
 
     def _on_state(self, event: ConnectionEvent) -> None:
         self._connection = event.state

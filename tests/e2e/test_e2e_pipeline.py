@@ -215,3 +215,24 @@ def test_named_engine_that_cannot_load_fails_with_its_reason(tmp_path: Path) -> 
     with pytest.raises(EngineError, match=r"x\.onnx"):
         session.start()
     session.stop()
+
+
+def test_live_source_budget_is_one_measured_frame_interval() -> None:
+    """A live (non-simulated) source at 15 fps: the default budget becomes ~66.7 ms once its rate is known."""
+    from guidance.config import StreamSettings
+    from guidance.simulator import SimulatedScanner
+
+    scanner = SimulatedScanner(fps=15.0, width=96, height=96, max_frames=45)
+    scanner.start()
+    try:
+        settings = Settings(
+            stream=StreamSettings(port=scanner.port), engine=EngineSettings(backend="classical", step_down="")
+        )
+        with LiveSession(settings, simulate=False) as session:
+            assert session.budget_ms == pytest.approx(1000 / 30)  # before any frame: the 30 fps assumption
+            assert scanner.done.wait(10)
+            time.sleep(0.2)
+            budget = session.budget_ms
+    finally:
+        scanner.stop()
+    assert budget == pytest.approx(1000 / 15, rel=0.1)

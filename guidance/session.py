@@ -25,7 +25,7 @@ from guidance.latency import LatencyMonitor, RateMeter
 from guidance.pipeline import LATENCY_NAMES, InferenceWorker, default_budget_ms
 from guidance.recorder import Recorder, RecorderStats
 from guidance.result_sender import ResultSender
-from guidance.results import GuidanceResult, overlay_is_stale
+from guidance.results import GuidanceResult
 from guidance.simulator import SimulatedScanner
 from guidance.slots import LatestSlot
 from streaming.frame import Frame
@@ -377,21 +377,18 @@ class LiveSession:
     def latest_result(self) -> GuidanceResult | None:
         return self.results.peek()
 
-    def mark_painted(self, frame_seq: int, now_ns: int | None = None) -> None:
-        """Record display latency for a painted frame, and whether the overlay drawn on it was stale
-        (same rule as the painter: :func:`guidance.results.overlay_is_stale`)."""
+    def mark_painted(self, frame_seq: int, now_ns: int | None = None, *, stale: bool = False) -> None:
+        """Record display latency for a painted frame. ``stale``: the painter drew its overlay as stale
+        (it decided with :func:`guidance.results.overlay_is_stale` on what it actually painted; the session
+        does not re-derive it from the slots, which may already hold newer items)."""
         now = time.perf_counter_ns() if now_ns is None else now_ns
         frame = self.display.peek()
         if frame is not None and frame.seq == frame_seq:
             self.monitor.record_ns("receive_to_paint", now - frame.receive_ns)
         result = self.results.peek()
-        if result is None:
-            return
-        if result.seq == frame_seq:
+        if result is not None and result.seq == frame_seq:
             self.monitor.record_ns("result_to_paint", now - result.times.published)
-        elif frame is not None and frame.seq == frame_seq and not self.synchronised:
-            age_ms = (frame.receive_ns - result.frame.receive_ns) / 1e6
-            self._stale_paints += overlay_is_stale(age_ms, result.budget_ms)
+        self._stale_paints += stale
 
     @property
     def source(self) -> str:

@@ -305,11 +305,12 @@ class MainWindow(QMainWindow):
             and plan.result.seq == plan.frame.seq
             and previous_overlay != plan.frame.seq
         )
+        stale = new_frame and plan.state is OverlayState.STALE
         if new_frame or own_result_arrived:
-            self.session.mark_painted(plan.frame.seq, now)
+            self.session.mark_painted(plan.frame.seq, now, stale=stale)
         if new_frame:
             self.painted_frames += 1
-            self.stale_frames += plan.state is OverlayState.STALE
+            self.stale_frames += stale
             if previous_seq is None:
                 logger.info("First frame painted: %dx%d", plan.frame.width, plan.frame.height)
             self.framePainted.emit(plan.frame.seq)

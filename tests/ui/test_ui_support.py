@@ -146,7 +146,7 @@ class ScriptedSession:
     def stats(self) -> FakeStats:
         return self.fake_stats
 
-    def mark_painted(self, frame_seq: int, now_ns: int | None = None) -> None:
+    def mark_painted(self, frame_seq: int, now_ns: int | None = None, *, stale: bool = False) -> None:
         self.painted.append(frame_seq)
 
     def report_error(self, message: str) -> None:

@@ -124,6 +124,34 @@ def smoothstep(x: float) -> float:
     return x * x * (3.0 - 2.0 * x)
 
 
+def insertion_cycle(
+    t: float,
+    lead_in_s: float,
+    cycle_s: float,
+    phases: tuple[float, float, float, float, float],
+    partial: float,
+) -> float:
+    """Instrument depth (0..1) over a repeating procedure: advance, hold, withdraw by ``partial``,
+    re-advance, withdraw fully, pause. ``phases`` are the cycle fractions where each of the first five
+    steps ends; 0 before ``lead_in_s`` and during the pause (no instrument in view)."""
+    u = t - lead_in_s
+    if u < 0.0:
+        return 0.0
+    ph = (u % cycle_s) / cycle_s
+    advance, hold, back, readvance, out = phases
+    if ph < advance:
+        return smoothstep(ph / advance)
+    if ph < hold:
+        return 1.0
+    if ph < back:
+        return 1.0 - partial * smoothstep((ph - hold) / (back - hold))
+    if ph < readvance:
+        return 1.0 - partial + partial * smoothstep((ph - back) / (readvance - back))
+    if ph < out:
+        return 1.0 - smoothstep((ph - readvance) / (out - readvance))
+    return 0.0
+
+
 def axis_angle_deg(direction: PointF) -> float:
     """Angle of a direction to the image x axis, folded into [0, 180)."""
     return math.degrees(math.atan2(direction[1], direction[0])) % 180.0

@@ -37,8 +37,8 @@ from guidance.phantoms.base import (
     axis_angle_deg,
     fill_polygon,
     fill_segment,
+    insertion_cycle,
     irregular_blob,
-    smoothstep,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,21 +128,7 @@ class FluoroConfig:
         """Advance 0 -> 1, partial withdraw and re-advance, full withdraw, pause (0 = not in view)."""
         if not self.instrument:
             return 0.0
-        u = t - self.lead_in_s
-        if u < 0.0:
-            return 0.0
-        ph = (u % self.cycle_s) / self.cycle_s
-        if ph < 0.5:
-            return smoothstep(ph / 0.5)
-        if ph < 0.6:
-            return 1.0
-        if ph < 0.68:
-            return 1.0 - 0.4 * smoothstep((ph - 0.6) / 0.08)
-        if ph < 0.78:
-            return 0.6 + 0.4 * smoothstep((ph - 0.68) / 0.1)
-        if ph < 0.92:
-            return 1.0 - smoothstep((ph - 0.78) / 0.14)
-        return 0.0
+        return insertion_cycle(t, self.lead_in_s, self.cycle_s, (0.5, 0.6, 0.68, 0.78, 0.92), 0.4)
 
 
 def _smooth_curve(

@@ -45,8 +45,8 @@ from guidance.phantoms.base import (
     fill_polygon,
     fill_segment,
     fixed,
+    insertion_cycle,
     irregular_blob,
-    smoothstep,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,21 +175,7 @@ class UltrasoundConfig:
         """Needle depth as a fraction of its full depth at time ``t`` (0: no needle in view)."""
         if not self.needle:
             return 0.0
-        u = t - self.lead_in_s
-        if u < 0.0:
-            return 0.0
-        ph = (u % self.cycle_s) / self.cycle_s
-        if ph < 0.55:
-            return smoothstep(ph / 0.55)
-        if ph < 0.65:
-            return 1.0
-        if ph < 0.72:
-            return 1.0 - 0.35 * smoothstep((ph - 0.65) / 0.07)
-        if ph < 0.8:
-            return 0.65 + 0.35 * smoothstep((ph - 0.72) / 0.08)
-        if ph < 0.92:
-            return 1.0 - smoothstep((ph - 0.8) / 0.12)
-        return 0.0
+        return insertion_cycle(t, self.lead_in_s, self.cycle_s, (0.55, 0.65, 0.72, 0.8, 0.92), 0.35)
 
 
 class UltrasoundPhantom:

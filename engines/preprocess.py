@@ -24,12 +24,13 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+_T = TypeVar("_T", np.uint8, np.float32)
 logger = logging.getLogger(__name__)
 
 #: Normalisation rule of ``engines.models`` (kept literally here so this module does not need that one).
@@ -299,26 +300,21 @@ class Preprocessor:
 
     def restore_labels(self, labels: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
         """Network label map ``(H, W)`` (or ``(1, H, W)``, any integer type) -> fresh ``(h, w)`` uint8."""
-        crop = self._crop(labels)
-        if crop.dtype != np.uint8:
-            crop = crop.astype(np.uint8)
-        assert self._geom is not None
-        h, w = self._geom.src_hw
-        if crop.shape == (h, w):
-            return np.array(crop, dtype=np.uint8, copy=True)
-        out = np.empty((h, w), dtype=np.uint8)
-        cv2.resize(crop, (w, h), dst=out, interpolation=cv2.INTER_NEAREST)
-        return out
+        return self._restore(labels, np.uint8, cv2.INTER_NEAREST)
 
     def restore_prob(self, prob: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Network probability map ``(H, W)`` -> fresh ``(h, w)`` float32 (linear interpolation)."""
-        crop = self._crop(prob)
-        if crop.dtype != np.float32:
-            crop = crop.astype(np.float32)
+        return self._restore(prob, np.float32, cv2.INTER_LINEAR)
+
+    def _restore(self, m: npt.NDArray[Any], dtype: type[_T], interpolation: int) -> npt.NDArray[_T]:
+        """Crop the letterbox, convert and resize back to the frame in one fresh array (a single copy when
+        no resize is needed: the conversion is the copy)."""
+        crop = self._crop(m)
         assert self._geom is not None
         h, w = self._geom.src_hw
         if crop.shape == (h, w):
-            return np.array(crop, dtype=np.float32, copy=True)
-        out = np.empty((h, w), dtype=np.float32)
-        cv2.resize(crop, (w, h), dst=out, interpolation=cv2.INTER_LINEAR)
+            return np.array(crop, dtype=dtype, copy=True)
+        src = crop if crop.dtype == dtype else crop.astype(dtype)
+        out: npt.NDArray[_T] = np.empty((h, w), dtype=dtype)
+        cv2.resize(src, (w, h), dst=out, interpolation=interpolation)
         return out

@@ -69,6 +69,8 @@ class ModelCard:
     onnx_path: Path
     card_path: Path
     raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: Class indices reduced to their one main region after inference (card ``postprocess``).
+    single_region_classes: tuple[int, ...] = ()
 
     @property
     def torch_weights_path(self) -> Path:
@@ -119,6 +121,15 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
                 f"model card {card_path}: classes {list(classes)} do not match {list(CLASS_NAMES)}"
             )
         norm = Normalization.from_card(_req(data, "normalization", card_path))
+        post = data.get("postprocess", {})
+        single = tuple(
+            str(c) for c in (post.get("single_region_classes", ()) if isinstance(post, Mapping) else ())
+        )
+        unknown = [c for c in single if c not in classes or c == classes[0]]
+        if unknown:
+            raise ModelAssetError(
+                f"model card {card_path}: postprocess names classes {unknown} that are not foreground classes"
+            )
         return ModelCard(
             name=str(_req(data, "name", card_path)),
             version=str(data.get("version", "")),
@@ -133,6 +144,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             onnx_path=card_path.parent / onnx_name,
             card_path=card_path,
             raw=MappingProxyType(dict(data)),
+            single_region_classes=tuple(classes.index(c) for c in single),
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc

@@ -170,6 +170,8 @@ class Preprocessor:
         geometry: ``"stretch"`` or ``"letterbox"``.
         out: optional caller-owned ``(1, channels, H, W)`` float32 C-contiguous buffer to write the tensor
             into (e.g. an array bound to ONNX Runtime, or pinned host memory for TensorRT).
+        single_region_classes: classes whose restored label map is reduced to one region
+            (:func:`keep_main_region`), as the model card's ``postprocess`` says.
     """
 
     def __init__(
@@ -179,8 +181,11 @@ class Preprocessor:
         normalization: Normalization | None = None,
         geometry: Geometry = "stretch",
         out: npt.NDArray[np.float32] | None = None,
+        *,
+        single_region_classes: tuple[int, ...] = (),
     ) -> None:
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.single_region_classes = tuple(int(c) for c in single_region_classes)
         self.channels = int(channels)
         self.normalization = normalization or Normalization()
         self.mode: Geometry = geometry
@@ -300,7 +305,10 @@ class Preprocessor:
 
     def restore_labels(self, labels: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
         """Network label map ``(H, W)`` (or ``(1, H, W)``, any integer type) -> fresh ``(h, w)`` uint8."""
-        return self._restore(labels, np.uint8, cv2.INTER_NEAREST)
+        out = self._restore(labels, np.uint8, cv2.INTER_NEAREST)
+        for c in self.single_region_classes:
+            keep_main_region(out, c)
+        return out
 
     def restore_prob(self, prob: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Network probability map ``(H, W)`` -> fresh ``(h, w)`` float32 (linear interpolation)."""
@@ -318,3 +326,25 @@ class Preprocessor:
         out: npt.NDArray[_T] = np.empty((h, w), dtype=dtype)
         cv2.resize(src, (w, h), dst=out, interpolation=interpolation)
         return out
+
+
+def keep_main_region(labels: npt.NDArray[np.uint8], cls: int, background: int = 0) -> None:
+    """Reduce class ``cls`` in ``labels`` (in place) to its main region; other pixels become background.
+
+    For a class with one instance per image (the biopsy target), stray islands elsewhere in the frame are
+    false positives: dropping all but the largest is the connected-component post-processing nnU-Net
+    adopts when it raises validation Dice, and this project enables it per model through the card on the
+    same evidence. Connectivity is taken over the class *and every other foreground class*, because a
+    needle drawn through a lesion cuts it in two in a label map, and both halves are the lesion: the
+    region kept is the connected foreground piece holding the most ``cls`` pixels. About 0.1 ms at 256x256.
+    """
+    mine = labels == cls
+    if not mine.any():
+        return
+    fg = (labels != background).view(np.uint8)
+    n, comp = cv2.connectedComponents(fg, connectivity=8)
+    if n <= 2:
+        return
+    counts = np.bincount(comp[mine], minlength=n)
+    main = int(np.argmax(counts))
+    labels[mine & (comp != main)] = background

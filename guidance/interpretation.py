@@ -283,7 +283,10 @@ class Interpreter:
         prob: npt.NDArray[np.float32] | None,
     ) -> InstrumentEstimate | None:
         h, w = inst.shape
-        ys, xs = np.nonzero(inst)
+        total_px = int(np.count_nonzero(inst))
+        if total_px < self.min_instrument_px:
+            return None
+        ys, xs = self._main_instrument(inst, prob, len(contours))
         n_px = xs.size
         if n_px < self.min_instrument_px:
             return None
@@ -337,9 +340,11 @@ class Interpreter:
         length_px = t1 - t0
         # Confidence: one clean, solid, long enough component scores 1; fragments, gaps, stray pixels,
         # short stubs and (when given) weak instrument probabilities pull it down.
-        significant = sum(1 for c in contours if _pixel_area(c) >= max(3.0, 0.05 * n_px))
+        significant = sum(1 for c in contours if _pixel_area(c) >= max(3.0, 0.05 * total_px))
         comp_factor = 1.0 / (1.0 + 0.35 * max(0, significant - 1))
-        inlier_frac = t_in.size / n_px
+        inlier_frac = (
+            t_in.size / total_px
+        )  # pixels left out of the geometry (strays, fragments) count against
         bins = np.zeros(max(1, math.ceil(length_px)) + 1, dtype=bool)
         bins[np.clip((t_in - t0).astype(np.intp), 0, bins.size - 1)] = True
         coverage = float(bins[:-1].mean()) if bins.size > 1 else 1.0
@@ -361,6 +366,65 @@ class Interpreter:
             trajectory_end_px=_ray_exit(tip, direction, w, h),
             centerline_px=centerline if centerline is not None else np.array([entry, raw_tip], np.float32),
         )
+
+    @staticmethod
+    def _main_instrument(
+        inst: npt.NDArray[np.uint8], prob: npt.NDArray[np.float32] | None, n_contours: int
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Pixels of the instrument proper: the strongest component and the pieces that continue it.
+
+        A label map can hold a needle and, apart from it, a fragment on a bright distractor or a bone
+        surface. A line fitted through all of them (even a robust one) lands between the two and puts the
+        tip on the wrong structure. So: take the component with the most evidence (pixels, weighted by
+        the instrument probability when given), then add the other components that lie on its line (the
+        pieces of a shaft broken by out-of-plane gaps) or start within a few pixels of its ends (the bent
+        part of a catheter). Everything else stays in the contours but out of the geometry.
+        """
+        if n_contours <= 1:
+            ys, xs = np.nonzero(inst)
+            return ys, xs
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(inst, connectivity=8)
+        if n <= 2:
+            ys, xs = np.nonzero(inst)
+            return ys, xs
+        ys, xs = np.nonzero(comp)
+        ids = comp[ys, xs]
+        area: npt.NDArray[np.float64] = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+        if prob is not None and prob.shape == inst.shape:
+            evidence = np.bincount(ids, weights=prob[ys, xs].astype(np.float64), minlength=n).astype(
+                np.float64
+            )
+        else:
+            evidence = area.copy()
+        evidence[0] = -1.0
+        seed = int(np.argmax(evidence))
+        in_seed = ids == seed
+        sp = np.stack([xs[in_seed], ys[in_seed]], axis=1).astype(np.float32)
+        if len(sp) < 6:
+            return ys, xs
+        vx, vy, cx, cy = (float(v) for v in cv2.fitLine(sp, cv2.DIST_L2, 0, 0.01, 0.01).ravel())
+        along_seed = (sp[:, 0] - cx) * vx + (sp[:, 1] - cy) * vy
+        ends = np.array(
+            [
+                [cx + along_seed.min() * vx, cy + along_seed.min() * vy],
+                [cx + along_seed.max() * vx, cy + along_seed.max() * vy],
+            ],
+            dtype=np.float32,
+        )
+        width = max(3.0, 2.0 * float(np.median(np.abs((sp[:, 0] - cx) * -vy + (sp[:, 1] - cy) * vx))) + 2.0)
+        keep = np.zeros(n, dtype=bool)
+        keep[seed] = True
+        for k in range(1, n):
+            if k == seed or area[k] < 3:
+                continue
+            sel = ids == k
+            px, py = xs[sel].astype(np.float32), ys[sel].astype(np.float32)
+            perp = np.abs((px - cx) * -vy + (py - cy) * vx)
+            colinear = float(np.median(perp)) <= width + 2.0
+            gap = np.hypot(px[:, None] - ends[None, :, 0], py[:, None] - ends[None, :, 1]).min()
+            keep[k] = colinear or float(gap) <= 8.0
+        sel = keep[ids]
+        return ys[sel], xs[sel]
 
     @staticmethod
     def _curved(

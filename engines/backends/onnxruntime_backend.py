@@ -223,7 +223,13 @@ class OnnxRuntimeEngine:
         shape = inputs[0].shape
         if len(shape) == 4 and all(isinstance(s, int) for s in shape[2:]) and tuple(shape[2:]) != (h, w):
             raise EngineError(f"model {card.name}: ONNX input {shape} disagrees with card input {h}x{w}")
-        pre = Preprocessor((h, w), card.channels, card.normalization, self._geometry)
+        pre = Preprocessor(
+            (h, w),
+            card.channels,
+            card.normalization,
+            self._geometry,
+            single_region_classes=card.single_region_classes,
+        )
         self._labels = np.zeros((1, h, w), dtype=np.uint8)
         self._prob = np.zeros((1, h, w), dtype=np.float32)
         binding = session.io_binding()

@@ -555,7 +555,12 @@ class _TrtRunner:
         if not self.labels_name or not self.prob_name:
             raise EngineError(f"engine outputs {self.outputs} lack {LABELS}/{PROB}")
         self.pre = Preprocessor(
-            (h, w), card.channels, card.normalization, geometry, out=self.host[self.inputs[0]]
+            (h, w),
+            card.channels,
+            card.normalization,
+            geometry,
+            out=self.host[self.inputs[0]],
+            single_region_classes=card.single_region_classes,
         )
         self._use_graph = use_graph
         self._graph_exec: Any = None

@@ -165,7 +165,12 @@ class TorchEngine:
             self._host_labels = torch.zeros((1, h, w), dtype=torch.uint8).pin_memory()
             self._host_prob = torch.zeros((1, h, w), dtype=torch.float32).pin_memory()
             self._pre = Preprocessor(
-                (h, w), card.channels, card.normalization, self._geometry, out=self._host_in.numpy()
+                (h, w),
+                card.channels,
+                card.normalization,
+                self._geometry,
+                out=self._host_in.numpy(),
+                single_region_classes=card.single_region_classes,
             )
             dtype = torch.float16 if self._optimize else torch.float32
             fmt = torch.channels_last if self._optimize else torch.contiguous_format
@@ -175,7 +180,13 @@ class TorchEngine:
             self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             self._label = f"cuda:0 ({torch.cuda.get_device_name(0)})"
         else:
-            self._pre = Preprocessor((h, w), card.channels, card.normalization, self._geometry)
+            self._pre = Preprocessor(
+                (h, w),
+                card.channels,
+                card.normalization,
+                self._geometry,
+                single_region_classes=card.single_region_classes,
+            )
             self._label = f"cpu ({torch.get_num_threads()} threads)"
         self._card = card
         logger.info(

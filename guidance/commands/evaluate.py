@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--baseline", default="classical", help="baseline engine ('' for none)")
     p.add_argument("--json", type=Path, required=True, help="write the JSON report here")
     p.add_argument("--modality", choices=("us", "fluoro", "both"), default="both")
-    p.add_argument("--sequences", type=int, default=8, help="held-out sequences per modality (default 8)")
-    p.add_argument("--frames", type=int, default=40, help="frames per sequence (default 40)")
+    p.add_argument("--sequences", type=int, default=24, help="held-out sequences per modality (default 24)")
+    p.add_argument("--frames", type=int, default=30, help="frames per sequence (default 30)")
     p.add_argument(
         "--plus-dir", type=Path, default=None, help="folder of PLUS recordings (default shared data)"
     )

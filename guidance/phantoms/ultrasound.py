@@ -122,7 +122,9 @@ class UltrasoundConfig:
         )
         contrast = {
             "hypo": rng.uniform(0.08, 0.35),
-            "hyper": rng.uniform(2.0, 3.5),
+            # +6 to +10 dB: a factor of 2-3.5 (+3 to +5 dB) sat inside one speckle standard deviation
+            # (~5.6 dB for fully developed speckle) and was invisible; real hyperechoic lesions are not.
+            "hyper": rng.uniform(4.0, 10.0),
             "iso": rng.uniform(0.85, 1.15),
             "none": 1.0,
         }[target_kind]

@@ -79,3 +79,16 @@ def test_eng_resolve_model_by_name_and_default(
     assert resolve_model(None) == tmp_path / "tiny.json"  # the only card
     with pytest.raises(ModelAssetError, match="not found"):
         resolve_model("absent-model")
+
+
+def test_eng_card_postprocess_names_foreground_classes(tiny_model: Path, tmp_path: Path) -> None:
+    card_path = _copy(tiny_model, tmp_path)
+    assert load_model_card(card_path).single_region_classes == ()
+    data = json.loads(card_path.read_text())
+    data["postprocess"] = {"single_region_classes": ["target"]}
+    card_path.write_text(json.dumps(data))
+    assert load_model_card(card_path).single_region_classes == (2,)
+    data["postprocess"] = {"single_region_classes": ["lesion"]}
+    card_path.write_text(json.dumps(data))
+    with pytest.raises(ModelAssetError, match="not foreground classes"):
+        load_model_card(card_path)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from engines.models import preprocess as model_pre
-from engines.preprocess import FrameGeometry, Normalization, PreprocessError, Preprocessor, percentile_range
+from engines.base import INSTRUMENT, TARGET
+from engines.preprocess import (
+    FrameGeometry,
+    Normalization,
+    PreprocessError,
+    Preprocessor,
+    keep_main_region,
+    percentile_range,
+)
 
 PCT = Normalization(kind="percentile")
 
@@ -126,3 +134,28 @@ def test_eng_bad_frames_are_refused() -> None:
         pre.prepare(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(PreprocessError, match="before prepare"):
         Preprocessor((16, 16)).restore_labels(np.zeros((16, 16), np.uint8))
+
+
+def test_keep_main_region_drops_islands_but_keeps_a_lesion_cut_by_the_needle() -> None:
+    lab = np.zeros((64, 64), np.uint8)
+    yy, xx = np.mgrid[0:64, 0:64]
+    lab[np.hypot(xx - 30, yy - 30) <= 10] = TARGET  # the lesion
+    lab[28:31, :] = INSTRUMENT  # a needle through it: two target halves joined only by the needle
+    lab[2:5, 55:60] = TARGET  # a stray island in a corner
+    before = lab.copy()
+    keep_main_region(lab, TARGET)
+    assert not (lab[2:5, 55:60] == TARGET).any()
+    assert (lab[:28] == TARGET).sum() > 100 and (lab[31:] == TARGET).sum() > 100  # both halves stay
+    assert np.array_equal(lab == INSTRUMENT, before == INSTRUMENT)
+    assert np.array_equal(lab[:, :50], before[:, :50])
+
+
+def test_single_region_classes_apply_to_restored_labels() -> None:
+    pre = Preprocessor((16, 16), 1, Normalization(), single_region_classes=(TARGET,))
+    pre.prepare(np.zeros((32, 32), np.uint8))
+    net = np.zeros((1, 16, 16), np.uint8)
+    net[0, 2:8, 2:8] = TARGET
+    net[0, 12:14, 12:14] = TARGET
+    out = pre.restore_labels(net)
+    assert out.shape == (32, 32)
+    assert (out == TARGET).sum() == 12 * 12  # the island is gone, the main region upsampled

@@ -191,3 +191,30 @@ def test_interp_filtered_tip_tracks_advancing_needle() -> None:
     assert res.instrument is not None
     assert math.dist(res.instrument.tip_px, (60.0, 220.0)) <= 1.0
     interp.reset()
+
+
+def test_interp_ignores_a_fragment_off_the_needle_line() -> None:
+    # A needle plus a bright-distractor fragment elsewhere: a line through all pixels would put the tip
+    # between them; the geometry must come from the needle and the pieces continuing it.
+    entry, tip = (0.0, 40.0), (140.0, 120.0)
+    lab = needle_labels(entry, tip)
+    fill_segment(lab, (60.0, 220.0), (100.0, 200.0), 3.0, INSTRUMENT)  # fragment, off the needle's line
+    res = Interpreter(tip_filter=None).update(lab, (0.2, 0.2), 0.0)
+    assert res.instrument is not None
+    assert math.dist(res.instrument.raw_tip_px, tip) <= 1.0
+    assert len(res.instrument_contours) == 2  # still drawn: the geometry ignores it, the overlay does not
+
+
+def test_interp_keeps_colinear_pieces_of_a_broken_shaft() -> None:
+    # Out-of-plane gap: the shaft shows as two pieces on one line; the tip is the far end of the far piece,
+    # even when the near piece is the bigger one.
+    entry, tip = (0.0, 20.0), (200.0, 120.0)
+    d = np.subtract(tip, entry) / math.dist(entry, tip)
+    mid_a = tuple(np.add(entry, d * 130.0))
+    mid_b = tuple(np.add(entry, d * 160.0))
+    lab = np.zeros((H, W), np.uint8)
+    fill_segment(lab, entry, mid_a, 4.0, INSTRUMENT)
+    fill_segment(lab, mid_b, tip, 4.0, INSTRUMENT)
+    res = Interpreter(tip_filter=None).update(lab, (0.2, 0.2), 0.0)
+    assert res.instrument is not None
+    assert math.dist(res.instrument.raw_tip_px, tip) <= 1.5

@@ -88,11 +88,26 @@ def probe(
 
 
 # ---------------------------------------------------------------------------------------------- FP16
-def convert_to_fp16(model: Any) -> Any:
+def nodes_downstream(model: Any, tensor: str) -> list[str]:
+    """Names of the nodes that (transitively) consume ``tensor``; unnamed nodes get a name first."""
+    frontier = {tensor}
+    names: list[str] = []
+    for k, node in enumerate(model.graph.node):  # ONNX graphs are topologically sorted
+        if not node.name:
+            node.name = f"_node{k}_{node.op_type}"
+        if any(i in frontier for i in node.input):
+            names.append(node.name)
+            frontier.update(node.output)
+    return names
+
+
+def convert_to_fp16(model: Any, head_from: str | None = None) -> Any:
     """FP16 variant of an ``onnx.ModelProto``: FP16 weights/activations, FP32 I/O, argmax/softmax in FP32.
 
     For strongly typed TensorRT networks (TRT 11 has no FP16 builder flag). Uses onnxconverter-common,
-    which also keeps the inputs that must stay float (Resize scales) in FP32.
+    which also keeps the inputs that must stay float (Resize scales) in FP32. ``head_from`` (the logits
+    tensor) keeps every node after it in FP32: the label decision and the instrument probability, whether
+    written as ArgMax/Softmax or, as the shipped export does, as plane-wise Greater/Where/Exp.
     """
     try:
         from onnxconverter_common import float16
@@ -101,7 +116,10 @@ def convert_to_fp16(model: Any) -> Any:
             f"FP16 conversion needs onnxconverter-common (pip install onnxconverter-common): {exc}"
         ) from exc
     block = [*float16.DEFAULT_OP_BLOCK_LIST, "ArgMax", "Softmax"]
-    return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    head = nodes_downstream(model, head_from) if head_from else []
+    return float16.convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=block, node_block_list=head
+    )
 
 
 def model_for_precision(card: ModelCard, precision: str) -> bytes:
@@ -109,7 +127,8 @@ def model_for_precision(card: ModelCard, precision: str) -> bytes:
     import onnx
 
     model = onnx.load(str(card.onnx_path))
-    model, _, _ = add_label_outputs(model, logits_output(model), labels_dtype="int32")
+    logits = logits_output(model)
+    model, _, _ = add_label_outputs(model, logits, labels_dtype="int32")
     # Expose only labels + probability: logits stay inside the engine.
     keep = [o for o in model.graph.output if o.name in (f"{LABELS}_int32", LABELS, PROB)]
     if any(o.name == f"{LABELS}_int32" for o in keep):
@@ -117,7 +136,7 @@ def model_for_precision(card: ModelCard, precision: str) -> bytes:
     del model.graph.output[:]
     model.graph.output.extend(keep)
     if precision == "fp16":
-        model = convert_to_fp16(model)
+        model = convert_to_fp16(model, head_from=logits)
     elif precision != "fp32":
         raise EngineError(f"unknown TensorRT precision {precision!r}")
     data: bytes = model.SerializeToString()

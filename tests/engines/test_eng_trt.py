@@ -142,6 +142,12 @@ def test_eng_fp16_onnx_variant_agrees_with_fp32_on_onnxruntime(tmp_path: Path) -
     fp16 = trtb.model_for_precision(card, "fp16")
     m16 = onnx.load_from_string(fp16)
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in m16.graph.initializer)
+    # The head after the logits (label decision, instrument probability) stays in FP32.
+    inferred = onnx.shape_inference.infer_shapes(m16)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    head = [o for n in m16.graph.node if n.op_type in ("Exp", "Reciprocal") for o in n.output]
+    assert head
+    assert all(types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for o in head)
     x = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
     outs = []
     for blob in (fp32, fp16):

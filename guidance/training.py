@@ -707,8 +707,8 @@ def save_run(
 
 DEFAULT_LIMITS: tuple[str, ...] = (
     "Trained only on simulated phantoms; never validated on patient images.",
-    "One straight needle-like instrument per frame; curved catheters, guidewires and multiple instruments "
-    "are out of distribution.",
+    "One instrument per frame (a straight needle in ultrasound; a needle, curved catheter or guidewire in "
+    "fluoroscopy); several instruments at once are out of distribution.",
     "Single-frame input: no temporal context; flicker is left to the interpretation's tip filter.",
     "Fixed 256x256 input: frames are stretched to it, so very non-square frames lose thin-structure detail.",
 )

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "segment",
     "train",
     "evaluate",
+    "calibrate",
 )
 
 

@@ -1,0 +1,221 @@
+"""Operating point of a trained model, chosen on validation sequences (never on the held-out ones).
+
+Two decisions are made here, after training and before shipping, from the network's logits on validation
+phantom sequences (seeds from :data:`guidance.training.VALIDATION_SEED_BASE`, offset past the few the
+training loop monitors, and disjoint from the held-out evaluation seeds):
+
+* **Instrument logit bias.** The exported graph subtracts ``bias`` from the instrument logit before the
+  label decision (``instrument_prob`` is unchanged). A larger bias trades instrument recall for fewer
+  false instrument pixels. The rule: among the candidate biases whose false instrument detection rate
+  (instrument-free frames on which the interpreter reports an instrument) is at most
+  ``max_false_detection`` in every modality, take the one with the best mean instrument Dice; if none
+  qualifies, the one with the lowest worst-modality rate.
+* **Single-region target.** Whether reducing the target class to its main connected region
+  (:func:`engines.preprocess.keep_main_region`) raises the pooled target Dice at that bias, as nnU-Net
+  decides its connected-component post-processing. When it does, the card's ``postprocess`` block turns
+  it on for every backend.
+
+:func:`apply_calibration` re-exports the ONNX with the chosen bias and writes the card with both, plus
+the sweep itself under ``calibration``. Torch (the ``train`` extra) is needed: the sweep runs the network
+once per frame and re-decides the labels for every bias in numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from engines.base import INSTRUMENT, TARGET, SegmentationOutput
+from engines.models.preprocess import normalize
+from engines.models.unet import CardInfo, UNetConfig, export_model_asset, read_model_card
+from engines.preprocess import keep_main_region
+from guidance.evaluation import GeometryReader, ModalityReport, _Accumulator, geometry_reader_factory
+from guidance.phantoms import PhantomFrame, make_phantom
+from guidance.training import VALIDATION_SEED_BASE, load_trained
+
+logger = logging.getLogger(__name__)
+
+#: Validation sequences used here start this far past the base (the training loop monitors the first few).
+SEED_OFFSET = 100
+
+
+class CalibrationError(RuntimeError):
+    """Calibration cannot run; one readable line."""
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationConfig:
+    modalities: tuple[str, ...] = ("us", "fluoro")
+    biases: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    sequences: int = 16
+    frames: int = 30
+    stride: int = 8
+    size: int = 256
+    max_false_detection: float = 0.02
+
+
+def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
+    return [VALIDATION_SEED_BASE + 1000 * modality_index + SEED_OFFSET + k for k in range(cfg.sequences)]
+
+
+def _logits(model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int) -> npt.NDArray[np.float32]:
+    """Network logits ``(n, classes, size, size)`` for phantom frames already at the network size."""
+    batch = []
+    for f in frames:
+        if f.image.shape[:2] != (size, size):
+            raise CalibrationError(f"phantom frames must be {size}x{size}, got {f.image.shape[:2]}")
+        batch.append(normalize(f.image))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(batch), 16):
+            x = torch.from_numpy(np.stack(batch[i : i + 16])[:, None].astype(np.float32))
+            out.append(model(x).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def decide(
+    logits: npt.NDArray[np.float32], bias: float, single_target: bool
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Labels and instrument probability for one frame's ``(classes, H, W)`` logits, as the graph does."""
+    d = logits.copy()
+    d[INSTRUMENT] -= np.float32(bias)
+    labels = d.argmax(axis=0).astype(np.uint8)
+    if single_target:
+        keep_main_region(labels, TARGET)
+    z = logits - logits.max(axis=0, keepdims=True)
+    e = np.exp(z)
+    prob = (e[INSTRUMENT] / e.sum(axis=0)).astype(np.float32)
+    return labels, prob
+
+
+def _score(
+    seqs: Sequence[Sequence[PhantomFrame]],
+    logits: Sequence[npt.NDArray[np.float32]],
+    bias: float,
+    single_target: bool,
+    reader_factory: Callable[[], GeometryReader],
+) -> ModalityReport:
+    acc = _Accumulator()
+    for seq, lg in zip(seqs, logits, strict=True):
+        reader = reader_factory()
+        for fr, one in zip(seq, lg, strict=True):
+            labels, prob = decide(one, bias, single_target)
+            geo = reader(SegmentationOutput(labels, prob), fr.spacing_mm, fr.time_s)
+            acc.add(fr, labels, geo, 0.0)
+    return acc.report()
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig()) -> dict[str, Any]:
+    """Sweep the bias and the single-region rule on validation sequences; return the JSON-ready report."""
+    model.eval()
+    reader_factory, reader_desc = geometry_reader_factory()
+    data: dict[str, list[list[PhantomFrame]]] = {}
+    logits: dict[str, list[npt.NDArray[np.float32]]] = {}
+    for mi, m in enumerate(cfg.modalities):
+        seqs = []
+        for seed in validation_seeds(cfg, mi):
+            ph = make_phantom(m, seed=seed, width=cfg.size, height=cfg.size)
+            seqs.append([ph.frame(j * cfg.stride) for j in range(cfg.frames)])
+        data[m] = seqs
+        logits[m] = [_logits(model, s, cfg.size) for s in seqs]
+        logger.info("calibration: %s logits for %d sequences", m, len(seqs))
+    sweep: list[dict[str, Any]] = []
+    for b in cfg.biases:
+        row: dict[str, Any] = {"bias": b}
+        for m in cfg.modalities:
+            r = _score(data[m], logits[m], b, False, reader_factory)
+            row[m] = {
+                "instrument_dice": _finite(r.instrument_dice),
+                "false_detection_rate": _finite(r.false_detection_rate),
+                "tip_error_mm_p95": _finite(r.tip_error_mm_p95),
+                "instrument_missed_rate": _finite(r.instrument_missed_rate),
+                "target_dice": _finite(r.target_dice),
+            }
+        sweep.append(row)
+        logger.info("calibration: bias %g -> %s", b, {m: row[m] for m in cfg.modalities})
+
+    def worst_fd(row: Mapping[str, Any]) -> float:
+        return max((row[m]["false_detection_rate"] or 0.0) for m in cfg.modalities)
+
+    def mean_dice(row: Mapping[str, Any]) -> float:
+        return float(np.mean([row[m]["instrument_dice"] or 0.0 for m in cfg.modalities]))
+
+    feasible = [r for r in sweep if worst_fd(r) <= cfg.max_false_detection]
+    if feasible:
+        chosen = max(feasible, key=mean_dice)
+        rule = f"best mean instrument Dice with false detections <= {cfg.max_false_detection:g} everywhere"
+    else:
+        chosen = min(sweep, key=lambda r: (worst_fd(r), -mean_dice(r)))
+        rule = f"no bias reached false detections <= {cfg.max_false_detection:g}: lowest worst-modality rate"
+    bias = float(chosen["bias"])
+    single: dict[str, Any] = {}
+    for m in cfg.modalities:
+        off = chosen[m]["target_dice"]
+        on = _score(data[m], logits[m], bias, True, reader_factory).target_dice
+        single[m] = {"target_dice_without": off, "target_dice_with": _finite(on)}
+    gains = [(v["target_dice_with"] or 0.0) - (v["target_dice_without"] or 0.0) for v in single.values()]
+    use_single = bool(gains) and float(np.mean(gains)) > 0.0
+    return {
+        "data": "validation phantom sequences (seeds below), never the held-out evaluation seeds",
+        "seeds": {m: validation_seeds(cfg, i) for i, m in enumerate(cfg.modalities)},
+        "config": asdict(cfg),
+        "interpretation": reader_desc,
+        "sweep": sweep,
+        "instrument_logit_bias": bias,
+        "bias_rule": rule,
+        "single_region_target": {"enabled": use_single, **single},
+    }
+
+
+def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Re-export ``card_path``'s model into ``out_dir`` with the calibrated bias and post-processing.
+
+    The weights (``.pt``) are copied beside the new ONNX; the card keeps the training block and gains
+    ``postprocess`` and ``calibration``.
+    """
+    card = read_model_card(card_path)
+    weights = card_path.with_suffix(".pt")
+    if not weights.is_file():
+        raise CalibrationError(f"{weights} not found: calibration needs the trained weights")
+    config = UNetConfig.from_dict(card.get("architecture", {}).get("config", {}))
+    model = load_trained(weights, config)
+    name = str(card["name"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    h, w = int(card["input"]["height"]), int(card["input"]["width"])
+    info = CardInfo(
+        name=name,
+        version=str(card.get("version", "")),
+        training=card.get("training", {}),
+        evaluation=card.get("evaluation", {}),
+        limits=tuple(card.get("limits", ())),
+        **({"intended_use": str(card["intended_use"])} if "intended_use" in card else {}),
+    )
+    bias = float(report["instrument_logit_bias"])
+    onnx_path, new_card = export_model_asset(
+        model, out_dir, info, height=h, width=w, instrument_logit_bias=bias
+    )
+    if weights.resolve() != (out_dir / f"{name}.pt").resolve():
+        shutil.copyfile(weights, out_dir / f"{name}.pt")
+    data = read_model_card(new_card)
+    if report["single_region_target"]["enabled"]:
+        data["postprocess"] = {
+            "single_region_classes": ["target"],
+            "why": "keeping only the target's main region raised validation target Dice (calibration)",
+        }
+    data["calibration"] = dict(report)
+    new_card.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return onnx_path, new_card

@@ -1,0 +1,72 @@
+"""``guidance calibrate``: choose a trained model's operating point on validation phantoms and re-export it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="choose a trained model's instrument bias and target post-processing on validation phantoms",
+        description="Runs the trained network (the .pt beside the card) over validation phantom sequences, "
+        "sweeps the instrument logit bias against false instrument detections and instrument Dice, decides "
+        "whether the target is kept to its main region, then re-exports <out>/<name>.onnx and its card.",
+    )
+    p.add_argument("model", type=Path, help="model card (.json) of a training run, with its .pt beside it")
+    p.add_argument("--out", type=Path, required=True, help="folder for the calibrated ONNX, card and .pt")
+    p.add_argument("--json", type=Path, default=None, help="also write the sweep report here")
+    p.add_argument("--sequences", type=int, default=16, help="validation sequences per modality (default 16)")
+    p.add_argument(
+        "--max-false-detection",
+        type=float,
+        default=0.02,
+        help="largest acceptable false instrument detection rate (default 0.02)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from guidance.cli import CommandError
+
+    try:
+        from guidance import calibration
+    except ImportError as exc:
+        raise CommandError(
+            f"calibration needs the 'train' extra (pip install -e '.[train]'): {exc}"
+        ) from None
+    if not args.model.is_file():
+        raise CommandError(f"{args.model} not found")
+    from engines.models.unet import UNetConfig, read_model_card
+    from guidance.training import load_trained
+
+    card = read_model_card(args.model)
+    weights = args.model.with_suffix(".pt")
+    if not weights.is_file():
+        raise CommandError(f"{weights} not found: calibration needs the trained weights beside the card")
+    config = UNetConfig.from_dict(card.get("architecture", {}).get("config", {}))
+    cfg = calibration.CalibrationConfig(
+        sequences=args.sequences, max_false_detection=args.max_false_detection
+    )
+    try:
+        report = calibration.calibrate(load_trained(weights, config), cfg)
+        onnx_path, card_path = calibration.apply_calibration(args.model, args.out, report)
+    except calibration.CalibrationError as exc:
+        raise CommandError(str(exc)) from None
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    logger.info(
+        "bias %g (%s); single-region target %s; wrote %s and %s",
+        report["instrument_logit_bias"],
+        report["bias_rule"],
+        "on" if report["single_region_target"]["enabled"] else "off",
+        onnx_path,
+        card_path,
+    )
+    return 0

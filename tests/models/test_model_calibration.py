@@ -1,0 +1,58 @@
+"""guidance calibrate: the bias sweep and single-region decision on validation phantoms, and the re-export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from engines.assets import load_model_card  # noqa: E402
+from engines.base import INSTRUMENT, TARGET  # noqa: E402
+from engines.models.unet import TINY_CONFIG, build_model, export_test_model  # noqa: E402
+from guidance import calibration  # noqa: E402
+from guidance.evaluation import HELDOUT_SEED_BASE  # noqa: E402
+
+
+def test_decide_matches_the_exported_graph_rule() -> None:
+    logits = np.zeros((3, 6, 6), np.float32)
+    logits[INSTRUMENT, 0, 0] = 2.0  # instrument by 2 over background
+    logits[TARGET, 1:3, 1:3] = 1.0
+    logits[TARGET, 5, 5] = 1.0  # a stray target pixel, apart from the 2x2 region
+    labels, prob = calibration.decide(logits, bias=0.0, single_target=False)
+    assert labels[0, 0] == INSTRUMENT
+    assert (labels == TARGET).sum() == 5
+    assert prob[0, 0] == pytest.approx(np.exp(2.0) / (np.exp(2.0) + 2.0), rel=1e-6)
+    labels, _ = calibration.decide(logits, bias=3.0, single_target=True)
+    assert labels[0, 0] == 0  # the bias moved the decision, not the probability
+    assert (labels == TARGET).sum() == 4  # the stray pixel is gone
+
+
+def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> None:
+    cfg = calibration.CalibrationConfig(biases=(0.0, 50.0), sequences=1, frames=3, stride=5)
+    seeds = calibration.validation_seeds(cfg, 0) + calibration.validation_seeds(cfg, 1)
+    assert all(s > HELDOUT_SEED_BASE + 10_000 for s in seeds)  # never an evaluation seed
+    torch.manual_seed(0)
+    report = calibration.calibrate(build_model(TINY_CONFIG), cfg)
+    assert [row["bias"] for row in report["sweep"]] == [0.0, 50.0]
+    assert set(report["sweep"][0]) == {"bias", "us", "fluoro"}
+    assert report["instrument_logit_bias"] in (0.0, 50.0)
+    assert isinstance(report["single_region_target"]["enabled"], bool)
+    json.dumps(report)  # JSON-ready
+
+    _, card_path = export_test_model(tmp_path / "run", name="m")
+    state = build_model(TINY_CONFIG).state_dict()
+    torch.save(state, card_path.with_suffix(".pt"))
+    forced = {**report, "instrument_logit_bias": 50.0, "single_region_target": {"enabled": True}}
+    onnx_path, new_card = calibration.apply_calibration(card_path, tmp_path / "out", forced)
+    card = load_model_card(new_card)  # sha256 verified
+    assert card.single_region_classes == (TARGET,)
+    data = json.loads(new_card.read_text())
+    assert data["output"]["instrument_logit_bias"] == 50.0
+    assert data["calibration"]["instrument_logit_bias"] == 50.0
+    assert (tmp_path / "out" / "m.pt").is_file()
+    assert onnx_path.parent == tmp_path / "out"

@@ -30,7 +30,12 @@ def test_eng_cli_build_says_why_it_cannot(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
-def test_eng_bench_engines_writes_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eng_bench_engines_writes_json_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bench sets OMP_WAIT_POLICY; setenv first so monkeypatch restores the original state afterwards.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset-by-test")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     bench_engines.add_engines_bench(sub)
@@ -64,3 +69,4 @@ def test_eng_bench_engines_writes_json_and_report(tmp_path: Path, capsys: pytest
     assert (tmp_path / "rep" / "engines_latency.png").stat().st_size > 0
     assert "torch-eager" in (tmp_path / "rep" / "engines.html").read_text()
     assert "vs eager" in capsys.readouterr().out
+    assert data["meta"]["omp_wait_policy"] == "PASSIVE"

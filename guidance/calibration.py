@@ -120,6 +120,34 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def choose_bias(
+    sweep: Sequence[Mapping[str, Any]], modalities: Sequence[str], max_false_detection: float
+) -> tuple[Mapping[str, Any], str]:
+    """The sweep row to ship and the rule that chose it (see the module docstring)."""
+    if not sweep:
+        raise CalibrationError("no candidate bias to choose from")
+
+    def worst_fd(row: Mapping[str, Any]) -> float:
+        return max((row[m]["false_detection_rate"] or 0.0) for m in modalities)
+
+    def mean_dice(row: Mapping[str, Any]) -> float:
+        return float(np.mean([row[m]["instrument_dice"] or 0.0 for m in modalities]))
+
+    feasible = [r for r in sweep if worst_fd(r) <= max_false_detection]
+    if feasible:
+        return max(feasible, key=mean_dice), (
+            f"best mean instrument Dice with false detections <= {max_false_detection:g} everywhere"
+        )
+    # None reaches the target: stay within the target's own tolerance of the lowest reachable rate and
+    # take the best Dice there (the single lowest rate can cost Dice for one frame's worth).
+    floor = min(worst_fd(r) for r in sweep)
+    near = [r for r in sweep if worst_fd(r) <= floor + max_false_detection]
+    return max(near, key=mean_dice), (
+        f"no bias reached false detections <= {max_false_detection:g}: best mean instrument Dice "
+        f"within {max_false_detection:g} of the lowest reachable rate ({floor:.3f})"
+    )
+
+
 def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig()) -> dict[str, Any]:
     """Sweep the bias and the single-region rule on validation sequences; return the JSON-ready report."""
     model.eval()
@@ -149,26 +177,7 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
         sweep.append(row)
         logger.info("calibration: bias %g -> %s", b, {m: row[m] for m in cfg.modalities})
 
-    def worst_fd(row: Mapping[str, Any]) -> float:
-        return max((row[m]["false_detection_rate"] or 0.0) for m in cfg.modalities)
-
-    def mean_dice(row: Mapping[str, Any]) -> float:
-        return float(np.mean([row[m]["instrument_dice"] or 0.0 for m in cfg.modalities]))
-
-    feasible = [r for r in sweep if worst_fd(r) <= cfg.max_false_detection]
-    if feasible:
-        chosen = max(feasible, key=mean_dice)
-        rule = f"best mean instrument Dice with false detections <= {cfg.max_false_detection:g} everywhere"
-    else:
-        # None reaches the target: stay within the target's own tolerance of the lowest reachable rate
-        # and take the best Dice there (the single lowest rate can cost Dice for one frame's worth).
-        floor = min(worst_fd(r) for r in sweep)
-        near = [r for r in sweep if worst_fd(r) <= floor + cfg.max_false_detection]
-        chosen = max(near, key=mean_dice)
-        rule = (
-            f"no bias reached false detections <= {cfg.max_false_detection:g}: best mean instrument Dice "
-            f"within {cfg.max_false_detection:g} of the lowest reachable rate ({floor:.3f})"
-        )
+    chosen, rule = choose_bias(sweep, cfg.modalities, cfg.max_false_detection)
     bias = float(chosen["bias"])
     single: dict[str, Any] = {}
     for m in cfg.modalities:

@@ -56,3 +56,34 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     assert data["calibration"]["instrument_logit_bias"] == 50.0
     assert (tmp_path / "out" / "m.pt").is_file()
     assert onnx_path.parent == tmp_path / "out"
+
+
+def _row(bias: float, fd: tuple[float, float], dice: tuple[float, float]) -> dict[str, object]:
+    return {
+        "bias": bias,
+        "us": {"false_detection_rate": fd[0], "instrument_dice": dice[0]},
+        "fluoro": {"false_detection_rate": fd[1], "instrument_dice": dice[1]},
+    }
+
+
+def test_choose_bias_prefers_dice_under_the_target_then_near_the_floor() -> None:
+    mods = ("us", "fluoro")
+    feasible = [
+        _row(0, (0.05, 0.0), (0.9, 0.9)),
+        _row(2, (0.01, 0.0), (0.85, 0.88)),
+        _row(4, (0.0, 0.0), (0.8, 0.8)),
+    ]
+    row, rule = calibration.choose_bias(feasible, mods, 0.02)
+    assert row["bias"] == 2
+    assert rule.startswith("best mean instrument Dice")
+    # None meets 2 %: the best Dice within 2 points of the lowest reachable rate (0.106), not the lowest.
+    infeasible = [
+        _row(0, (0.18, 0.0), (0.88, 0.88)),
+        _row(3, (0.115, 0.0), (0.895, 0.89)),
+        _row(6, (0.106, 0.0), (0.88, 0.87)),
+    ]
+    row, rule = calibration.choose_bias(infeasible, mods, 0.02)
+    assert row["bias"] == 3
+    assert "lowest reachable rate (0.106)" in rule
+    with pytest.raises(calibration.CalibrationError):
+        calibration.choose_bias([], mods, 0.02)

@@ -336,7 +336,8 @@ def keep_main_region(labels: npt.NDArray[np.uint8], cls: int, background: int = 
     adopts when it raises validation Dice, and this project enables it per model through the card on the
     same evidence. Connectivity is taken over the class *and every other foreground class*, because a
     needle drawn through a lesion cuts it in two in a label map, and both halves are the lesion: the
-    region kept is the connected foreground piece holding the most ``cls`` pixels. About 0.1 ms at 256x256.
+    region kept is the connected foreground piece holding the most ``cls`` pixels. 0.09 ms at 256x256
+    (timeit on a phantom label map).
     """
     mine = labels == cls
     if not mine.any():

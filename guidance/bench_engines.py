@@ -5,7 +5,8 @@ The lead's ``bench`` command calls :func:`add_engines_bench` with its subparsers
 iteration) so machine load affects all of them alike; each engine's ``infer`` (preprocess + network +
 argmax + resize back) is timed into a :class:`guidance.latency.LatencyHistogram`. The baseline is torch eager
 fp32 (no channels-last, no CUDA graph, no FP16) on the same device as the torch backend; the ratio column is
-``baseline p50 / backend p50`` (> 1: faster than eager).
+``baseline p50 / backend p50`` (> 1: faster than eager). OpenMP threads are made to sleep when idle
+(:func:`passive_openmp`) so that torch's spinning workers do not take the cores from the next engine.
 
 Models: the shipped model at its own input size; for other sizes (or when none is shipped) a randomly
 initialised network of the same family is exported at that size (recorded per row as ``model``).
@@ -260,10 +261,12 @@ def passive_openmp(keep_default: bool) -> str:
     """Make OpenMP worker threads sleep, not spin, between parallel regions (before torch loads).
 
     torch's OpenMP workers busy-wait after every operator. Interleaved with them, the next engine found
-    both cores taken by spinning threads: onnxruntime measured p50 10.1 ms right after a torch call
-    against 7.9 ms after another onnxruntime call (8.4 ms with passive OpenMP). No engine should pay for
-    another's idle spinning, so the bench sets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set a policy
-    (or passed ``--omp-active``); the policy in force is recorded in the report. Returns it.
+    both cores taken by spinning threads: onnxruntime ``infer`` measured p50 10.1 ms right after a torch
+    call against 8.0 ms after another onnxruntime call (8.4 ms with passive OpenMP). No engine should pay
+    for another's idle spinning, so the bench sets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set a
+    policy (or passed ``--omp-active``); the policy in force is recorded in the report. Torch eager's own
+    p50 at 256x256 measured 59-72 ms passive and 55-68 ms active across runs here (the run-to-run noise
+    is as large as any difference); ``--omp-active`` gives the other view.
     """
     if keep_default or "OMP_WAIT_POLICY" in os.environ:
         return os.environ.get("OMP_WAIT_POLICY", "default (active spin)")

@@ -342,9 +342,8 @@ class Interpreter:
         # short stubs and (when given) weak instrument probabilities pull it down.
         significant = sum(1 for c in contours if _pixel_area(c) >= max(3.0, 0.05 * total_px))
         comp_factor = 1.0 / (1.0 + 0.35 * max(0, significant - 1))
-        inlier_frac = (
-            t_in.size / total_px
-        )  # pixels left out of the geometry (strays, fragments) count against
+        # Pixels left out of the geometry (strays, fragments off the shaft's line) count against it.
+        inlier_frac = t_in.size / total_px
         bins = np.zeros(max(1, math.ceil(length_px)) + 1, dtype=bool)
         bins[np.clip((t_in - t0).astype(np.intp), 0, bins.size - 1)] = True
         coverage = float(bins[:-1].mean()) if bins.size > 1 else 1.0

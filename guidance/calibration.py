@@ -38,7 +38,7 @@ import torch
 
 from engines.base import INSTRUMENT, TARGET, SegmentationOutput
 from engines.models.preprocess import normalize
-from engines.models.unet import CardInfo, UNetConfig, export_model_asset, read_model_card
+from engines.models.unet import CardInfo, UNet, UNetConfig, export_model_asset, read_model_card
 from engines.preprocess import keep_main_region
 from guidance.evaluation import GeometryReader, ModalityReport, _Accumulator, geometry_reader_factory
 from guidance.phantoms import PhantomFrame, make_phantom
@@ -198,18 +198,26 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
     }
 
 
+def load_run(card_path: Path) -> tuple[dict[str, Any], UNet]:
+    """A training run's card and its network (the ``.pt`` beside the card), in eval mode."""
+    if not card_path.is_file():
+        raise CalibrationError(f"{card_path} not found")
+    card = read_model_card(card_path)
+    weights = card_path.with_suffix(".pt")
+    if not weights.is_file():
+        raise CalibrationError(f"{weights} not found: calibration needs the trained weights beside the card")
+    config = UNetConfig.from_dict(card.get("architecture", {}).get("config", {}))
+    return card, load_trained(weights, config)
+
+
 def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
     """Re-export ``card_path``'s model into ``out_dir`` with the calibrated bias and post-processing.
 
     The weights (``.pt``) are copied beside the new ONNX; the card keeps the training block and gains
     ``postprocess`` and ``calibration``.
     """
-    card = read_model_card(card_path)
+    card, model = load_run(card_path)
     weights = card_path.with_suffix(".pt")
-    if not weights.is_file():
-        raise CalibrationError(f"{weights} not found: calibration needs the trained weights")
-    config = UNetConfig.from_dict(card.get("architecture", {}).get("config", {}))
-    model = load_trained(weights, config)
     name = str(card["name"])
     out_dir.mkdir(parents=True, exist_ok=True)
     h, w = int(card["input"]["height"]), int(card["input"]["width"])

@@ -40,21 +40,12 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"calibration needs the 'train' extra (pip install -e '.[train]'): {exc}"
         ) from None
-    if not args.model.is_file():
-        raise CommandError(f"{args.model} not found")
-    from engines.models.unet import UNetConfig, read_model_card
-    from guidance.training import load_trained
-
-    card = read_model_card(args.model)
-    weights = args.model.with_suffix(".pt")
-    if not weights.is_file():
-        raise CommandError(f"{weights} not found: calibration needs the trained weights beside the card")
-    config = UNetConfig.from_dict(card.get("architecture", {}).get("config", {}))
     cfg = calibration.CalibrationConfig(
         sequences=args.sequences, max_false_detection=args.max_false_detection
     )
     try:
-        report = calibration.calibrate(load_trained(weights, config), cfg)
+        _, model = calibration.load_run(args.model)
+        report = calibration.calibrate(model, cfg)
         onnx_path, card_path = calibration.apply_calibration(args.model, args.out, report)
     except calibration.CalibrationError as exc:
         raise CommandError(str(exc)) from None

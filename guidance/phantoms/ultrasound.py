@@ -56,6 +56,15 @@ TargetKind = Literal["hypo", "hyper", "iso", "none"]
 
 _NOISE_BANK = 4
 
+#: Echogenicity factor (intensity inside / outside) drawn per lesion kind. Hyperechoic: +6 to +10 dB; a
+#: factor of 2-3.5 (+3 to +5 dB) sat inside one speckle standard deviation (~5.6 dB for fully developed
+#: speckle) and was invisible, while real hyperechoic lesions are not.
+TARGET_CONTRAST: dict[str, tuple[float, float]] = {
+    "hypo": (0.08, 0.35),
+    "hyper": (4.0, 10.0),
+    "iso": (0.85, 1.15),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class UltrasoundConfig:
@@ -97,6 +106,10 @@ class UltrasoundConfig:
     target_radius_px: float = 18.0
     target_irregularity: float = 0.3
     target_contrast: float = 0.2  # echogenicity factor inside the lesion
+    # Iso-echoic lesions are found by their hypoechoic halo (a compressed-tissue or capsule rim): a band
+    # ``halo_px`` wide around the border at echogenicity ``halo_factor``. Ignored for other kinds.
+    halo_px: float = 5.0
+    halo_factor: float = 0.06
     # distractors
     bone: bool = False
     n_distractors: int = 0
@@ -120,14 +133,9 @@ class UltrasoundConfig:
             if kind_draw < 0.95
             else "none"
         )
-        contrast = {
-            "hypo": rng.uniform(0.08, 0.35),
-            # +6 to +10 dB: a factor of 2-3.5 (+3 to +5 dB) sat inside one speckle standard deviation
-            # (~5.6 dB for fully developed speckle) and was invisible; real hyperechoic lesions are not.
-            "hyper": rng.uniform(4.0, 10.0),
-            "iso": rng.uniform(0.85, 1.15),
-            "none": 1.0,
-        }[target_kind]
+        # One draw per kind, in this order, whichever kind was drawn (keeps every seed's later fields fixed).
+        drawn = {k: float(rng.uniform(*TARGET_CONTRAST[k])) for k in ("hypo", "hyper", "iso")}
+        contrast = drawn.get(target_kind, 1.0)
         radius = float(rng.uniform(10.0, 26.0))
         on_path = rng.uniform() < 0.6
         cfg = cls(
@@ -170,6 +178,10 @@ class UltrasoundConfig:
             breathing_period_s=float(rng.uniform(3.0, 6.0)),
             probe_amp_px=float(rng.uniform(0.0, 2.5)),
             probe_period_s=float(rng.uniform(5.0, 11.0)),
+        )
+        # Drawn last so that every earlier field of every seed is unchanged by their introduction.
+        cfg = dataclasses.replace(
+            cfg, halo_px=float(rng.uniform(4.0, 7.0)), halo_factor=float(rng.uniform(0.03, 0.1))
         )
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -251,9 +263,20 @@ class UltrasoundPhantom:
         if cfg.target_kind != "none":
             fill_polygon(base_labels, outline, TARGET)
             lesion = cv2.GaussianBlur((base_labels == TARGET).astype(np.float32), (0, 0), 1.2)
-            if cfg.target_kind == "iso":  # iso-echoic lesions are seen by a thin hypoechoic halo
-                halo = cv2.GaussianBlur(lesion, (0, 0), 2.5) - lesion
-                echo *= 1.0 - 1.6 * np.clip(halo, 0.0, 0.5)
+            if cfg.target_kind == "iso":
+                # Iso-echoic lesions are seen by their hypoechoic halo. The first phantom's halo (a blurred
+                # difference, about -3 dB over a pixel) sat inside the speckle like the old hyperechoic
+                # contrast did: nobody, model or reader, could see those lesions. Now a near-anechoic rim
+                # ``halo_px`` wide (4-7 px: 0.8-1.4 mm at 0.2 mm) at -10 to -15 dB, softened like the border; after
+                # the point-spread function it reads about one speckle standard deviation below its
+                # surroundings, which is what a reader sees as a halo.
+                k = max(1, round(cfg.halo_px))
+                ring = cv2.dilate(
+                    (base_labels == TARGET).astype(np.uint8),
+                    cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)),
+                )
+                rim = cv2.GaussianBlur(ring.astype(np.float32), (0, 0), 1.2) - lesion
+                echo *= 1.0 + (cfg.halo_factor - 1.0) * np.clip(rim, 0.0, 1.0)
             echo *= 1.0 + (cfg.target_contrast - 1.0) * lesion
 
         # Bone-like bright curved surface with a strong acoustic shadow below it (along the beam = rows).

@@ -119,3 +119,18 @@ def test_model_augment_keeps_labels_aligned() -> None:
     assert s.image.dtype == np.float32
     assert set(np.unique(s.labels)) <= {0, 1, 2}
     assert 0.0 <= float(s.image.min()) <= float(s.image.max()) <= 1.0
+
+
+def test_model_sampler_forces_rare_lesion_kinds_with_their_own_contrast() -> None:
+    from guidance.phantoms.ultrasound import TARGET_CONTRAST
+
+    cfg = dataclasses.replace(TINY, pool_size=12, rare_target_fraction=1.0, hard_negative_fraction=0.0)
+    pool = training.PhantomSampler(cfg, ("us",), seed=3).pool
+    kinds = [p.config.target_kind for p in pool]
+    assert set(kinds) == {"hyper", "iso"}
+    for p in pool:
+        lo, hi = TARGET_CONTRAST[p.config.target_kind]
+        assert lo <= p.config.target_contrast <= hi
+    none = dataclasses.replace(cfg, rare_target_fraction=0.0)
+    drawn = [p.config.target_kind for p in training.PhantomSampler(none, ("us",), seed=3).pool]
+    assert "hypo" in drawn  # the phantom's own mix (60 % hypo) when nothing is forced

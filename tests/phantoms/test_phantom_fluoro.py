@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -74,3 +75,27 @@ def test_phantom_fluoro_target_and_variety() -> None:
     g = FluoroPhantom(seed=0, collimator="rect", collimator_margin_frac=0.1).frame(0)
     assert g.image[0, 0] < g.image[128, 128]
     assert g.labels[0, 0] == 0
+
+
+@pytest.mark.parametrize("kind", ["lesion", "vessel"])
+def test_phantom_fluoro_faintest_target_is_visible_at_low_dose(kind: str) -> None:
+    """The faintest target the sampler draws stays above the quantum noise at the lowest sampled dose."""
+    f = FluoroPhantom(
+        seed=3,
+        target_kind=kind,
+        target_mu=0.4,
+        dose_photons=150.0,
+        spine=False,
+        n_ribs=0,
+        n_vessels=0,
+        collimator="none",
+        instrument=False,
+    ).frame(0)
+    target = (f.labels == TARGET).astype(np.uint8)
+    near = (cv2.dilate(target, np.ones((15, 15), np.uint8)) > 0) & ~(
+        cv2.dilate(target, np.ones((7, 7), np.uint8)) > 0
+    )
+    img = f.image.astype(np.float64)
+    contrast = img[near].mean() - img[target > 0].mean()
+    assert contrast > 1.0 * img[near].std()  # per-pixel contrast-to-noise above one
+    assert all(0.4 <= FluoroConfig.sample(s).target_mu <= 0.8 for s in range(40))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -178,3 +179,32 @@ def test_phantom_lesion_echogenicity(kind: str, darker: bool) -> None:
     none = UltrasoundPhantom(seed=4, target_kind="none").frame(0)
     assert none.target_centroid_px is None
     assert none.target_radius_px == 0.0
+
+
+def test_phantom_iso_lesion_is_seen_by_its_halo() -> None:
+    """An iso-echoic lesion matches its surroundings inside; its rim is clearly darker than both."""
+    f = UltrasoundPhantom(
+        seed=4, geometry="linear", target_kind="iso", target_contrast=1.0, bone=False, n_distractors=0
+    ).frame(0)
+    lesion = (f.labels == TARGET).astype(np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+    rim = cv2.dilate(lesion, k) > lesion  # the 4 px band around the border (the halo is 5 px by default)
+    outside = (cv2.dilate(lesion, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (41, 41))) > 0) & ~(
+        cv2.dilate(lesion, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (21, 21))) > 0
+    )
+    img = f.image.astype(np.float64)
+    inside_m, rim_m, out_m = img[lesion > 0].mean(), img[rim].mean(), img[outside].mean()
+    speckle_sd = img[outside].std()
+    assert abs(inside_m - out_m) < 0.5 * speckle_sd
+    assert rim_m < out_m - 0.5 * speckle_sd
+    assert rim_m < inside_m - 0.5 * speckle_sd
+
+
+def test_phantom_config_draws_keep_their_order() -> None:
+    """Fields added to the sampled config are drawn last: every earlier field of a seed stays put."""
+    c = UltrasoundConfig.sample(10021)  # values drawn before halo_px / halo_factor existed
+    assert (c.target_kind, c.geometry) == ("iso", "linear")
+    assert (round(c.target_radius_px, 4), round(c.needle_angle_deg, 4)) == (19.6664, 52.6218)
+    assert round(c.target_contrast, 4) == 0.9731
+    assert 4.0 <= c.halo_px <= 7.0
+    assert 0.03 <= c.halo_factor <= 0.1

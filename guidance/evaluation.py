@@ -8,7 +8,9 @@ app), so the geometry figures include the interpretation.
 
 Figures per engine and modality (see :class:`ModalityReport`):
 
-* Dice per class, pooled over all frames (pixel counts summed; robust on frames where a class is absent);
+* Dice per class, pooled over all frames (pixel counts summed; robust on frames where a class is absent),
+  and the target's Dice per kind of target (ultrasound hypo-/hyper-/iso-echoic lesion, fluoroscopy lesion
+  or vessel segment), so an average cannot hide a kind the model never learned;
 * tip error in mm (median, p95) and axis angle error in degrees (median, p95) on frames where the instrument
   is visible and detected (raw, unfiltered tip), plus the fraction of such frames where it was missed;
 * false instrument detections: fraction of instrument-free frames on which an instrument was reported.
@@ -39,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.base import INSTRUMENT, TARGET, SegmentationEngine, SegmentationOutput
-from guidance.phantoms import PhantomFrame, make_phantom
+from guidance.phantoms import PhantomFrame, make_phantom, sample_config
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +114,10 @@ class ModalityReport:
     instrument_missed_rate: float = math.nan
     false_detection_rate: float = math.nan
     infer_ms_median: float = math.nan
+    #: target kind -> pooled target Dice over the sequences of that kind (None where undefined)
+    target_dice_by_kind: dict[str, float | None] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float | int | None]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
         }
@@ -131,15 +135,29 @@ class _Accumulator:
     false_det: int = 0
     frames: int = 0
     infer_ms: list[float] = field(default_factory=list)
+    #: target kind -> [intersection, pixel total] of the target class
+    by_kind: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, frame: PhantomFrame, labels: npt.NDArray[np.uint8], geo: Geometry, infer_ms: float) -> None:
+    def add(
+        self,
+        frame: PhantomFrame,
+        labels: npt.NDArray[np.uint8],
+        geo: Geometry,
+        infer_ms: float,
+        target_kind: str | None = None,
+    ) -> None:
         self.frames += 1
         self.infer_ms.append(infer_ms)
         true = frame.labels
         for c in (INSTRUMENT, TARGET):
             p, t = labels == c, true == c
-            self.inter[c] += int(np.logical_and(p, t).sum())
-            self.total[c] += int(p.sum()) + int(t.sum())
+            inter, total = int(np.logical_and(p, t).sum()), int(p.sum()) + int(t.sum())
+            self.inter[c] += inter
+            self.total[c] += total
+            if c == TARGET and target_kind is not None:
+                pair = self.by_kind.setdefault(target_kind, [0, 0])
+                pair[0] += inter
+                pair[1] += total
         if frame.instrument_present and frame.tip_px is not None:
             self.inst_frames += 1
             if not geo.present or geo.tip_px is None:
@@ -176,6 +194,9 @@ class _Accumulator:
             instrument_missed_rate=self.missed / self.inst_frames if self.inst_frames else math.nan,
             false_detection_rate=self.false_det / self.free_frames if self.free_frames else math.nan,
             infer_ms_median=pct(self.infer_ms, 50),
+            target_dice_by_kind={
+                k: (2.0 * i / t if t else None) for k, (i, t) in sorted(self.by_kind.items())
+            },
         )
 
 
@@ -244,6 +265,14 @@ def heldout_seeds(cfg: EvalConfig, modality_index: int) -> list[int]:
     return [cfg.seed_base + 1000 * modality_index + k for k in range(cfg.sequences)]
 
 
+def heldout_target_kinds(cfg: EvalConfig, modalities: Iterable[str]) -> dict[str, list[str]]:
+    """modality -> the target kind of each held-out sequence (same order as :func:`heldout_sequences`)."""
+    return {
+        m: [str(sample_config(m, s).target_kind) for s in heldout_seeds(cfg, cfg.modalities.index(m))]
+        for m in modalities
+    }
+
+
 def heldout_sequences(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame]]]:
     """modality -> sequences -> frames (modalities whose phantom is missing are skipped with a warning)."""
     out: dict[str, list[list[PhantomFrame]]] = {}
@@ -267,21 +296,28 @@ def evaluate_engine(
     make_engine: EngineFactory,
     data: Mapping[str, list[list[PhantomFrame]]],
     reader_factory: Callable[[], GeometryReader],
+    target_kinds: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, ModalityReport]:
-    """Run one engine over held-out sequences; returns modality -> report."""
+    """Run one engine over held-out sequences; returns modality -> report.
+
+    ``target_kinds`` (modality -> kind per sequence) adds the per-kind target Dice.
+    """
     reports: dict[str, ModalityReport] = {}
     for modality, seqs in data.items():
         engine = make_engine(modality)
         acc = _Accumulator()
+        kinds: Sequence[str | None] = (
+            target_kinds[modality] if target_kinds and modality in target_kinds else [None] * len(seqs)
+        )
         try:
-            for seq in seqs:
+            for seq, kind in zip(seqs, kinds, strict=True):
                 reader = reader_factory()
                 for fr in seq:
                     t0 = time.perf_counter()
                     out = engine.infer(fr.image)
                     ms = (time.perf_counter() - t0) * 1e3
                     geo = reader(out, fr.spacing_mm, fr.time_s)
-                    acc.add(fr, out.labels, geo, ms)
+                    acc.add(fr, out.labels, geo, ms, kind)
         finally:
             engine.close()
         reports[modality] = acc.report()
@@ -371,6 +407,23 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "better_than_baseline": better,
                 }
             )
+        by_kind, base_kind = (
+            figs.get("target_dice_by_kind") or {},
+            base.get(modality, {}).get("target_dice_by_kind") or {},
+        )
+        for kind, v in by_kind.items():  # no target of their own: they show what the pooled Dice hides
+            b = base_kind.get(kind)
+            rows.append(
+                {
+                    "modality": modality,
+                    "figure": f"target_dice[{kind}]",
+                    "value": v,
+                    "target": "info",
+                    "met": None,
+                    "baseline": b,
+                    "better_than_baseline": None if v is None or b is None else v > b,
+                }
+            )
         for key in ("instrument_missed_rate", "angle_error_deg_median", "angle_error_deg_p95"):  # no target
             v, b = figs.get(key), base.get(modality, {}).get(key)
             rows.append(
@@ -415,6 +468,7 @@ def evaluate(
     data = heldout_sequences(cfg)
     if not data:
         raise EvaluationError("no phantom modality is available for evaluation")
+    kinds = heldout_target_kinds(cfg, data)
     make_model = model_factory or registry_engine_factory(
         model_engine, **({"model": str(model)} if model is not None else {})
     )
@@ -425,13 +479,15 @@ def evaluate(
         "interpretation": reader_desc,
         "model_path": None if model is None else str(model),
         "model_engine": model_engine,
-        "model": {m: r.to_dict() for m, r in evaluate_engine(make_model, data, reader_factory).items()},
+        "model": {
+            m: r.to_dict() for m, r in evaluate_engine(make_model, data, reader_factory, kinds).items()
+        },
     }
     make_base = registry_engine_factory(baseline) if baseline else None
     if make_base is not None:
         report["baseline_engine"] = baseline
         report["baseline"] = {
-            m: r.to_dict() for m, r in evaluate_engine(make_base, data, reader_factory).items()
+            m: r.to_dict() for m, r in evaluate_engine(make_base, data, reader_factory, kinds).items()
         }
     if cfg.plus_dir is not None:
         report["plus"] = {

@@ -24,6 +24,7 @@ __all__ = [
     "UltrasoundConfig",
     "UltrasoundPhantom",
     "make_phantom",
+    "sample_config",
 ]
 
 
@@ -34,4 +35,14 @@ def make_phantom(modality: str, **kw: Any) -> Phantom:
         return UltrasoundPhantom(**kw)
     if m in ("fluoro", "xa", "xray", "x-ray"):
         return FluoroPhantom(**kw)
+    raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'")
+
+
+def sample_config(modality: str, seed: int) -> UltrasoundConfig | FluoroConfig:
+    """The configuration ``make_phantom(modality, seed=seed)`` draws, without building the phantom."""
+    m = modality.lower()
+    if m in ("us", "ultrasound"):
+        return UltrasoundConfig.sample(seed)
+    if m in ("fluoro", "xa", "xray", "x-ray"):
+        return FluoroConfig.sample(seed)
     raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'")

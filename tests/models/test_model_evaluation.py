@@ -46,10 +46,16 @@ def test_model_evaluation_oracle_scores_perfect() -> None:
     cfg = evaluation.EvalConfig(modalities=("us",), sequences=2, frames=12, stride=20, plus_dir=None)
     data = evaluation.heldout_sequences(cfg)
     truth = {id(f.image): f.labels for seq in data["us"] for f in seq}
+    kinds = evaluation.heldout_target_kinds(cfg, data)
     reports = evaluation.evaluate_engine(
-        lambda m: _Oracle(truth), data, evaluation.geometry_reader_factory()[0]
+        lambda m: _Oracle(truth), data, evaluation.geometry_reader_factory()[0], kinds
     )
     r = reports["us"]
+    assert len(kinds["us"]) == 2
+    assert set(r.target_dice_by_kind) == set(kinds["us"])
+    assert all(v is None or v == pytest.approx(1.0) for v in r.target_dice_by_kind.values())
+    rows = evaluation.check_targets({"model": {"us": r.to_dict()}})
+    assert {f"target_dice[{k}]" for k in kinds["us"]} <= {row["figure"] for row in rows}
     assert r.frames == 24
     assert r.instrument_dice == pytest.approx(1.0) or math.isnan(r.instrument_dice)
     assert r.false_detection_rate == 0.0 or math.isnan(r.false_detection_rate)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class ModelCard:
     raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Class indices reduced to their one main region after inference (card ``postprocess``).
     single_region_classes: tuple[int, ...] = ()
+    #: Per class, what is subtracted from its logit before the label decision (card ``output``
+    #: ``instrument_logit_bias`` / ``target_logit_bias``, the calibrated operating point). Graphs that
+    #: output labels have it built in; a backend that decides from logits itself must apply it.
+    decision_bias: tuple[float, ...] = ()
 
     @property
     def torch_weights_path(self) -> Path:
@@ -130,6 +135,12 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             raise ModelAssetError(
                 f"model card {card_path}: postprocess names classes {unknown} that are not foreground classes"
             )
+        bias = [0.0] * len(classes)
+        for idx, key in ((1, "instrument_logit_bias"), (2, "target_logit_bias")):
+            if idx < len(bias) and out.get(key) is not None:
+                bias[idx] = float(out[key])
+                if not math.isfinite(bias[idx]):
+                    raise ModelAssetError(f"model card {card_path}: output {key} is not a finite number")
         return ModelCard(
             name=str(_req(data, "name", card_path)),
             version=str(data.get("version", "")),
@@ -145,6 +156,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             card_path=card_path,
             raw=MappingProxyType(dict(data)),
             single_region_classes=tuple(classes.index(c) for c in single),
+            decision_bias=tuple(bias) if any(bias) else (),
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc

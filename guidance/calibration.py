@@ -11,6 +11,10 @@ training loop monitors, and disjoint from the held-out evaluation seeds):
   ``max_false_detection`` in every modality, take the one with the best mean instrument Dice; if none
   qualifies, the best mean Dice among those within ``max_false_detection`` of the lowest reachable
   worst-modality rate.
+* **Target logit bias.** At that instrument bias, the target bias (subtracted from the target logit; negative
+  grows the target) with the best mean pooled target Dice over the modalities, the smallest in magnitude
+  on a tie. Argmax at bias 0 is the decision the loss trained for, but the soft Dice term and the class
+  balance of the crops leave the boundary where they leave it; this puts it where validation Dice peaks.
 * **Single-region target.** Whether reducing the target class to its main connected region
   (:func:`engines.preprocess.keep_main_region`) raises the pooled target Dice at that bias, as nnU-Net
   decides its connected-component post-processing. When it does, the card's ``postprocess`` block turns
@@ -58,6 +62,7 @@ class CalibrationError(RuntimeError):
 class CalibrationConfig:
     modalities: tuple[str, ...] = ("us", "fluoro")
     biases: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    target_biases: tuple[float, ...] = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
     sequences: int = 16
     frames: int = 30
     stride: int = 8
@@ -85,11 +90,12 @@ def _logits(model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int) -
 
 
 def decide(
-    logits: npt.NDArray[np.float32], bias: float, single_target: bool
+    logits: npt.NDArray[np.float32], bias: float, single_target: bool, target_bias: float = 0.0
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Labels and instrument probability for one frame's ``(classes, H, W)`` logits, as the graph does."""
     d = logits.copy()
     d[INSTRUMENT] -= np.float32(bias)
+    d[TARGET] -= np.float32(target_bias)
     labels = d.argmax(axis=0).astype(np.uint8)
     if single_target:
         keep_main_region(labels, TARGET)
@@ -105,12 +111,14 @@ def _score(
     bias: float,
     single_target: bool,
     reader_factory: Callable[[], GeometryReader],
+    *,
+    target_bias: float = 0.0,
 ) -> ModalityReport:
     acc = _Accumulator()
     for seq, lg in zip(seqs, logits, strict=True):
         reader = reader_factory()
         for fr, one in zip(seq, lg, strict=True):
-            labels, prob = decide(one, bias, single_target)
+            labels, prob = decide(one, bias, single_target, target_bias)
             geo = reader(SegmentationOutput(labels, prob), fr.spacing_mm, fr.time_s)
             acc.add(fr, labels, geo, 0.0)
     return acc.report()
@@ -179,10 +187,26 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
 
     chosen, rule = choose_bias(sweep, cfg.modalities, cfg.max_false_detection)
     bias = float(chosen["bias"])
+    target_sweep: list[dict[str, Any]] = []
+    for tb in cfg.target_biases:
+        dice = {
+            m: _finite(_score(data[m], logits[m], bias, False, reader_factory, target_bias=tb).target_dice)
+            for m in cfg.modalities
+        }
+        target_sweep.append({"target_bias": tb, **{m: {"target_dice": d} for m, d in dice.items()}})
+        logger.info("calibration: target bias %g -> %s", tb, dice)
+    best = max(
+        target_sweep,
+        key=lambda r: (
+            round(float(np.mean([r[m]["target_dice"] or 0.0 for m in cfg.modalities])), 4),
+            -abs(r["target_bias"]),
+        ),
+    )
+    target_bias = float(best["target_bias"])
     single: dict[str, Any] = {}
     for m in cfg.modalities:
-        off = chosen[m]["target_dice"]
-        on = _score(data[m], logits[m], bias, True, reader_factory).target_dice
+        off = best[m]["target_dice"]
+        on = _score(data[m], logits[m], bias, True, reader_factory, target_bias=target_bias).target_dice
         single[m] = {"target_dice_without": off, "target_dice_with": _finite(on)}
     gains = [(v["target_dice_with"] or 0.0) - (v["target_dice_without"] or 0.0) for v in single.values()]
     use_single = bool(gains) and float(np.mean(gains)) > 0.0
@@ -194,6 +218,8 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
         "sweep": sweep,
         "instrument_logit_bias": bias,
         "bias_rule": rule,
+        "target_sweep": target_sweep,
+        "target_logit_bias": target_bias,
         "single_region_target": {"enabled": use_single, **single},
     }
 
@@ -230,8 +256,9 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
         **({"intended_use": str(card["intended_use"])} if "intended_use" in card else {}),
     )
     bias = float(report["instrument_logit_bias"])
+    target_bias = float(report.get("target_logit_bias", 0.0))
     onnx_path, new_card = export_model_asset(
-        model, out_dir, info, height=h, width=w, instrument_logit_bias=bias
+        model, out_dir, info, height=h, width=w, instrument_logit_bias=bias, target_logit_bias=target_bias
     )
     if weights.resolve() != (out_dir / f"{name}.pt").resolve():
         shutil.copyfile(weights, out_dir / f"{name}.pt")

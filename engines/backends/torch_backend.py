@@ -139,6 +139,7 @@ class TorchEngine:
         self._host_prob: Any = None
         self._stream: Any = None
         self._label = "cpu"
+        self._shift: Any = None  # (1, C, 1, 1) decision bias of the card, None when there is none
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -160,6 +161,13 @@ class TorchEngine:
             if self._cuda:
                 net = net.half()
         self._net = net
+        # The calibrated operating point: the exported graph subtracts it before its argmax, so must we,
+        # or this backend would label more instrument than ONNX Runtime or TensorRT on the same frame.
+        self._shift = (
+            torch.tensor(card.decision_bias, dtype=torch.float32, device=self._device).view(1, -1, 1, 1)
+            if card.decision_bias
+            else None
+        )
         if self._cuda:
             self._host_in = torch.zeros((1, card.channels, h, w), dtype=torch.float32).pin_memory()
             self._host_labels = torch.zeros((1, h, w), dtype=torch.uint8).pin_memory()
@@ -201,7 +209,8 @@ class TorchEngine:
         import torch
 
         logits = self._net(x).float()
-        labels = torch.argmax(logits, dim=1).to(torch.uint8)
+        decide = logits if self._shift is None else logits - self._shift
+        labels = torch.argmax(decide, dim=1).to(torch.uint8)
         prob = torch.softmax(logits, dim=1)[:, 1]
         return labels, prob
 

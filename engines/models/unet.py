@@ -266,21 +266,29 @@ def count_parameters(model: nn.Module) -> int:
 class _ExportWrapper(nn.Module):
     """Adds argmax labels and the instrument softmax to the graph."""
 
-    def __init__(self, model: nn.Module, include_argmax: bool, instrument_logit_bias: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        include_argmax: bool,
+        instrument_logit_bias: float = 0.0,
+        target_logit_bias: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.include_argmax = include_argmax
         self.instrument_logit_bias = float(instrument_logit_bias)
+        self.target_logit_bias = float(target_logit_bias)
+        n = int(getattr(getattr(model, "config", None), "num_classes", 3))
+        per_class = ([0.0, self.instrument_logit_bias, self.target_logit_bias] + [0.0] * n)[:n]
+        self.shift: torch.Tensor | None = (
+            torch.tensor(per_class, dtype=torch.float32).view(1, n, 1, 1) if any(per_class) else None
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits: torch.Tensor = self.model(x)
         if not self.include_argmax:
             return (logits,)
-        decide = logits
-        if self.instrument_logit_bias:
-            shift = torch.zeros((1, logits.shape[1], 1, 1), dtype=logits.dtype)
-            shift[0, 1] = self.instrument_logit_bias
-            decide = logits - shift
+        decide = logits if self.shift is None else logits - self.shift
         # Both written as element-wise maps over the class planes instead of ArgMax/Softmax on the
         # class axis: in NCHW, ONNX Runtime's CPU Softmax(axis=1) transposes and took 16 % of the whole
         # network's time at 256x256, ArgMax another 3 %; the plane-wise forms cost a fraction of that.
@@ -321,6 +329,7 @@ def export_onnx(
     width: int,
     include_argmax: bool = True,
     instrument_logit_bias: float = 0.0,
+    target_logit_bias: float = 0.0,
 ) -> Path:
     """Export ``model`` to ONNX with a fixed ``(1, C, height, width)`` input named ``image``.
 
@@ -329,7 +338,8 @@ def export_onnx(
     exported in eval mode (BatchNorm folded into the convolutions by constant folding) and the file is
     checked with ``onnx.checker``. ``instrument_logit_bias`` (>= 0) is subtracted from the instrument logit
     before the in-graph argmax only (``logits`` and ``instrument_prob`` are unchanged): an operating point
-    that trades a little instrument recall for far fewer false instrument pixels. Returns the path.
+    that trades a little instrument recall for far fewer false instrument pixels. ``target_logit_bias``
+    is subtracted from the target logit the same way (negative: a larger target). Returns the path.
     """
     import onnx
 
@@ -338,7 +348,7 @@ def export_onnx(
     in_ch = int(getattr(getattr(model, "config", None), "in_channels", 1))
     was_training = model.training
     model.eval()
-    wrapper = _ExportWrapper(model, include_argmax, instrument_logit_bias).eval()
+    wrapper = _ExportWrapper(model, include_argmax, instrument_logit_bias, target_logit_bias).eval()
     names = [LOGITS_NAME, LABELS_NAME, PROB_NAME] if include_argmax else [LOGITS_NAME]
     dummy = torch.zeros((1, in_ch, height, width), dtype=torch.float32)
     try:
@@ -420,6 +430,7 @@ def write_model_card(
     macs: int | None = None,
     parameters: int | None = None,
     instrument_logit_bias: float = 0.0,
+    target_logit_bias: float = 0.0,
 ) -> dict[str, Any]:
     """Write the JSON model card next to the ONNX file and return it as a dict.
 
@@ -451,11 +462,13 @@ def write_model_card(
             "names": [t["name"] for t in tensors],
             "tensors": tensors,
             "labels_included": include_argmax,
-            "notes": "labels = argmax(logits - instrument_logit_bias on class 1, axis=1) as uint8; "
+            "notes": "labels = argmax(logits - instrument_logit_bias on class 1 - target_logit_bias on "
+            "class 2, axis=1) as uint8; "
             "instrument_prob = softmax(logits, axis=1)[:, 1]; both computed plane-wise in the graph "
             "(Greater/Where, 1 / sum exp(l_c - l_1)), which is the same arithmetic without the slow "
             "class-axis ArgMax/Softmax kernels",
             "instrument_logit_bias": instrument_logit_bias,
+            "target_logit_bias": target_logit_bias,
         },
         "architecture": {
             "family": "U-Net, depthwise-separable convolutions",
@@ -500,6 +513,7 @@ def export_model_asset(
     include_argmax: bool = True,
     opset: int = 17,
     instrument_logit_bias: float = 0.0,
+    target_logit_bias: float = 0.0,
 ) -> tuple[Path, Path]:
     """Export ``<directory>/<name>.onnx`` and write ``<directory>/<name>.json``; return both paths."""
     directory = Path(directory)
@@ -511,6 +525,7 @@ def export_model_asset(
         width=width,
         include_argmax=include_argmax,
         instrument_logit_bias=instrument_logit_bias,
+        target_logit_bias=target_logit_bias,
     )
     card_path = directory / f"{info.name}.json"
     write_model_card(
@@ -525,6 +540,7 @@ def export_model_asset(
         macs=count_macs(model, (1, model.config.in_channels, height, width)),
         parameters=count_parameters(model),
         instrument_logit_bias=instrument_logit_bias,
+        target_logit_bias=target_logit_bias,
     )
     return onnx_path, card_path
 

@@ -13,10 +13,10 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "calibrate",
-        help="choose a trained model's instrument bias and target post-processing on validation phantoms",
+        help="choose a trained model's instrument/target biases and post-processing on validation phantoms",
         description="Runs the trained network (the .pt beside the card) over validation phantom sequences, "
-        "sweeps the instrument logit bias against false instrument detections and instrument Dice, decides "
-        "whether the target is kept to its main region, then re-exports <out>/<name>.onnx and its card.",
+        "sweeps the instrument logit bias against false instrument detections and instrument Dice, then the "
+        "target logit bias against target Dice, decides whether the target is kept to its main region, then re-exports <out>/<name>.onnx and its card.",
     )
     p.add_argument("model", type=Path, help="model card (.json) of a training run, with its .pt beside it")
     p.add_argument("--out", type=Path, required=True, help="folder for the calibrated ONNX, card and .pt")
@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     logger.info(
-        "bias %g (%s); single-region target %s; wrote %s and %s",
+        "instrument bias %g (%s); target bias %g; single-region target %s; wrote %s and %s",
         report["instrument_logit_bias"],
         report["bias_rule"],
+        report["target_logit_bias"],
         "on" if report["single_region_target"]["enabled"] else "off",
         onnx_path,
         card_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines import registry
+from engines import assets, registry
 from engines.assets import make_random_model
 from engines.backends import onnxruntime_backend, tensorrt_backend, torch_backend
 from engines.base import EngineUnavailable, SegmentationEngine
@@ -124,3 +124,31 @@ def test_eng_describe_and_lifecycle(model_dir: Path) -> None:
     assert info.precision == "fp32"
     eng.close()
     assert tensorrt_backend.probe() is not None
+
+
+@needs_torch
+def test_eng_torch_applies_the_calibrated_decision_bias(model_dir: Path, tmp_path: Path) -> None:
+    """A card's logit biases (built into the exported graph's labels) move torch's labels the same way."""
+    import torch
+
+    from engines.models import unet
+
+    model = unet.build_model(unet.TINY_CONFIG)
+    model.load_state_dict(torch.load(model_dir / "labels.pt", weights_only=True))
+    model.eval()
+    info = unet.CardInfo(name="biased", version="0", training={}, limits=())
+    _, card = unet.export_model_asset(
+        model, tmp_path, info, height=64, width=64, instrument_logit_bias=0.6, target_logit_bias=-3.0
+    )
+    torch.save(model.state_dict(), card.with_suffix(".pt"))
+    assert assets.load_model_card(card).decision_bias == (0.0, 0.6, -3.0)
+    plain = _run(torch_backend.TorchEngine(model_dir / "labels.json", device="cpu", optimize=False))
+    ref = _run(onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu"))
+    for engine in (
+        torch_backend.TorchEngine(card, device="cpu", optimize=False),
+        torch_backend.TorchEngine(card, device="cpu"),
+    ):
+        for (la, pa), (lb, pb), (lp, _) in zip(ref, _run(engine), plain, strict=True):
+            assert (la == lb).mean() >= 0.999
+            np.testing.assert_allclose(pa, pb, atol=1e-4)  # the probability carries no bias
+            assert (lb != lp).mean() > 0.01  # the bias did move labels

@@ -30,10 +30,14 @@ def test_decide_matches_the_exported_graph_rule() -> None:
     labels, _ = calibration.decide(logits, bias=3.0, single_target=True)
     assert labels[0, 0] == 0  # the bias moved the decision, not the probability
     assert (labels == TARGET).sum() == 4  # the stray pixel is gone
+    grown, _ = calibration.decide(logits, bias=3.0, single_target=False, target_bias=-100.0)
+    assert (grown == TARGET).all()  # a target bias moves the target's decision the same way
 
 
 def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> None:
-    cfg = calibration.CalibrationConfig(biases=(0.0, 50.0), sequences=1, frames=3, stride=5)
+    cfg = calibration.CalibrationConfig(
+        biases=(0.0, 50.0), target_biases=(-0.5, 0.0), sequences=1, frames=3, stride=5
+    )
     seeds = calibration.validation_seeds(cfg, 0) + calibration.validation_seeds(cfg, 1)
     assert all(s > HELDOUT_SEED_BASE + 10_000 for s in seeds)  # never an evaluation seed
     torch.manual_seed(0)
@@ -41,18 +45,26 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     assert [row["bias"] for row in report["sweep"]] == [0.0, 50.0]
     assert set(report["sweep"][0]) == {"bias", "us", "fluoro"}
     assert report["instrument_logit_bias"] in (0.0, 50.0)
+    assert [row["target_bias"] for row in report["target_sweep"]] == [-0.5, 0.0]
+    assert report["target_logit_bias"] in (-0.5, 0.0)
     assert isinstance(report["single_region_target"]["enabled"], bool)
     json.dumps(report)  # JSON-ready
 
     _, card_path = export_test_model(tmp_path / "run", name="m")
     state = build_model(TINY_CONFIG).state_dict()
     torch.save(state, card_path.with_suffix(".pt"))
-    forced = {**report, "instrument_logit_bias": 50.0, "single_region_target": {"enabled": True}}
+    forced = {
+        **report,
+        "instrument_logit_bias": 50.0,
+        "target_logit_bias": -0.5,
+        "single_region_target": {"enabled": True},
+    }
     onnx_path, new_card = calibration.apply_calibration(card_path, tmp_path / "out", forced)
     card = load_model_card(new_card)  # sha256 verified
     assert card.single_region_classes == (TARGET,)
     data = json.loads(new_card.read_text())
     assert data["output"]["instrument_logit_bias"] == 50.0
+    assert card.decision_bias == (0.0, 50.0, -0.5)
     assert data["calibration"]["instrument_logit_bias"] == 50.0
     assert (tmp_path / "out" / "m.pt").is_file()
     assert onnx_path.parent == tmp_path / "out"

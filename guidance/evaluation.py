@@ -13,7 +13,9 @@ Figures per engine and modality (see :class:`ModalityReport`):
   or vessel segment), so an average cannot hide a kind the model never learned;
 * tip error in mm (median, p95) and axis angle error in degrees (median, p95) on frames where the instrument
   is visible and detected (raw, unfiltered tip), plus the fraction of such frames where it was missed;
-* false instrument detections: fraction of instrument-free frames on which an instrument was reported.
+* false instrument detections: fraction of instrument-free frames on which an instrument was reported,
+  with its 95 % Wilson interval (a hundred-odd instrument-free frames per modality put one frame at ~0.7
+  points, so the interval says how far the rate alone can be trusted).
 
 Real recordings: every PLUS/Slicer sequence file in the PLUS folder (real ultrasound, no needle) is read with
 :func:`streaming.sequence.read_sequence` and the fraction of frames with a reported instrument is given.
@@ -114,6 +116,8 @@ class ModalityReport:
     instrument_missed_rate: float = math.nan
     false_detection_rate: float = math.nan
     infer_ms_median: float = math.nan
+    #: 95 % Wilson score interval of ``false_detection_rate``
+    false_detection_ci95: tuple[float, float] | None = None
     #: target kind -> pooled target Dice over the sequences of that kind (None where undefined)
     target_dice_by_kind: dict[str, float | None] = field(default_factory=dict)
 
@@ -193,11 +197,23 @@ class _Accumulator:
             angle_error_deg_p95=pct(self.angle_err, 95),
             instrument_missed_rate=self.missed / self.inst_frames if self.inst_frames else math.nan,
             false_detection_rate=self.false_det / self.free_frames if self.free_frames else math.nan,
+            false_detection_ci95=wilson_interval(self.false_det, self.free_frames),
             infer_ms_median=pct(self.infer_ms, 50),
             target_dice_by_kind={
                 k: (2.0 * i / t if t else None) for k, (i, t) in sorted(self.by_kind.items())
             },
         )
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """95 % Wilson score interval of the proportion ``hits / n`` (None when ``n`` is 0)."""
+    if n <= 0:
+        return None
+    p = hits / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -363,7 +379,12 @@ def evaluate_plus(
             det += hits
     finally:
         engine.close()
-    return {"files": files, "frames": total, "false_detection_rate": det / total if total else None}
+    return {
+        "files": files,
+        "frames": total,
+        "false_detection_rate": det / total if total else None,
+        "false_detection_ci95": wilson_interval(det, total),
+    }
 
 
 # ------------------------------------------------------------------------------------------ engines

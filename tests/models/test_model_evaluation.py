@@ -131,3 +131,15 @@ def test_model_evaluation_command_writes_report(tmp_path: Path) -> None:
     assert ("plus", "false_detection_rate") in figures
     if "plus" in report:
         assert report["plus"]["model"]["frames"] > 0
+
+
+def test_model_evaluation_wilson_interval() -> None:
+    z2 = 1.959964**2
+    lo, hi = evaluation.wilson_interval(0, 125) or (math.nan, math.nan)
+    assert lo == 0.0
+    assert hi == pytest.approx(z2 / (125 + z2))  # closed form when nothing was hit
+    lo, hi = evaluation.wilson_interval(7, 125) or (math.nan, math.nan)
+    assert lo < 7 / 125 < hi
+    assert 0.02 < lo < 0.03
+    assert 0.10 < hi < 0.12
+    assert evaluation.wilson_interval(0, 0) is None

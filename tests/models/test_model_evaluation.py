@@ -136,7 +136,7 @@ def test_model_evaluation_command_writes_report(tmp_path: Path) -> None:
 def test_model_evaluation_wilson_interval() -> None:
     z2 = 1.959964**2
     lo, hi = evaluation.wilson_interval(0, 125) or (math.nan, math.nan)
-    assert lo == 0.0
+    assert lo == pytest.approx(0.0, abs=1e-12)
     assert hi == pytest.approx(z2 / (125 + z2))  # closed form when nothing was hit
     lo, hi = evaluation.wilson_interval(7, 125) or (math.nan, math.nan)
     assert lo < 7 / 125 < hi

@@ -62,7 +62,7 @@ class CalibrationError(RuntimeError):
 class CalibrationConfig:
     modalities: tuple[str, ...] = ("us", "fluoro")
     biases: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
-    target_biases: tuple[float, ...] = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+    target_biases: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
     sequences: int = 16
     frames: int = 30
     stride: int = 8

@@ -158,7 +158,7 @@ class _Accumulator:
             inter, total = int(np.logical_and(p, t).sum()), int(p.sum()) + int(t.sum())
             self.inter[c] += inter
             self.total[c] += total
-            if c == TARGET and target_kind is not None:
+            if c == TARGET and target_kind not in (None, "none"):  # no true target: Dice undefined
                 pair = self.by_kind.setdefault(target_kind, [0, 0])
                 pair[0] += inter
                 pair[1] += total

@@ -413,6 +413,7 @@ class Interpreter:
         width = max(3.0, 2.0 * float(np.median(np.abs((sp[:, 0] - cx) * -vy + (sp[:, 1] - cy) * vx))) + 2.0)
         keep = np.zeros(n, dtype=bool)
         keep[seed] = True
+        pieces: dict[int, npt.NDArray[np.float32]] = {}
         for k in range(1, n):
             if k == seed or area[k] < 3:
                 continue
@@ -422,8 +423,73 @@ class Interpreter:
             colinear = float(np.median(perp)) <= width + 2.0
             gap = np.hypot(px[:, None] - ends[None, :, 0], py[:, None] - ends[None, :, 1]).min()
             keep[k] = colinear or float(gap) <= 8.0
+            if not keep[k]:
+                pieces[k] = np.stack([px, py], axis=1)
+        if pieces:
+            Interpreter._follow_tangents(sp, keep, pieces)
         sel = keep[ids]
         return ys[sel], xs[sel]
+
+    @staticmethod
+    def _follow_tangents(
+        seed_pts: npt.NDArray[np.float32],
+        keep: npt.NDArray[np.bool_],
+        pieces: dict[int, npt.NDArray[np.float32]],
+        reach_px: float = 100.0,
+        cone_deg: float = 25.0,
+    ) -> None:
+        """Add to ``keep`` the pieces that continue a curved shaft across a gap, end after end.
+
+        Where a catheter crosses the spine or a vessel its mask can break for tens of pixels, and the piece
+        beyond (often the radio-opaque tip) is neither on the seed's straight line nor next to its end. A
+        piece continues an end when its nearest pixel lies within ``reach_px`` of that end, within
+        ``cone_deg`` of the end's outward tangent (fitted to the last ~15 px of the shaft) and no further
+        from the tangent ray than ``max(8, 0.3 * gap)`` px (the cone narrows at long range: a catheter's
+        bend over a gap of ``g`` px strays about ``g^2 / 2R`` from its tangent); the chain's end then moves
+        to the far end of that piece, so several gaps can be bridged. A fragment off to the side (a bone
+        edge, a vessel edge) lies outside and stays out.
+        """
+        cos_cone = math.cos(math.radians(cone_deg))
+        mean = seed_pts.mean(axis=0)
+        _, _, vt = np.linalg.svd(seed_pts - mean, full_matrices=False)
+        axis = vt[0]
+        along = (seed_pts - mean) @ axis
+        for sign in (-1.0, 1.0):  # both ends of the seed
+            pts, t = seed_pts, along * sign
+            for _ in range(4):
+                end_sel = t >= float(t.max()) - 15.0
+                tail = pts[end_sel]
+                end = pts[int(np.argmax(t))]
+                if len(tail) >= 3:
+                    c = tail.mean(axis=0)
+                    _, _, tv = np.linalg.svd(tail - c, full_matrices=False)
+                    d = tv[0]
+                else:
+                    d = axis
+                outward = end - tail.mean(axis=0)
+                if float(outward @ d) < 0.0:
+                    d = -d
+                best, best_gap = None, reach_px
+                for k, q in pieces.items():
+                    if keep[k]:
+                        continue
+                    rel = q - end
+                    dist = np.hypot(rel[:, 0], rel[:, 1])
+                    j = int(np.argmin(dist))
+                    g = float(dist[j])
+                    if g > best_gap or g == 0.0:
+                        continue
+                    fwd = float(rel[j] @ d)
+                    lateral = abs(float(rel[j, 0] * d[1] - rel[j, 1] * d[0]))
+                    if fwd / g >= cos_cone and lateral <= max(8.0, 0.3 * g):
+                        best, best_gap = k, g
+                if best is None:
+                    break
+                keep[best] = True
+                pts = pieces[best]
+                t = (pts - end) @ d  # the new piece's far end is the chain's new end
+                if float(t.max()) <= 0.0:
+                    break
 
     @staticmethod
     def _curved(

@@ -680,7 +680,8 @@ def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) ->
                 f"instrument frames p={cfg.needle_fraction:g}; crops centred on instrument "
                 f"p={cfg.crop_on_instrument:g}, on target p={cfg.crop_on_target:g}, anywhere otherwise; "
                 f"ultrasound sequences forced to carry bone or distractor lines "
-                f"p={cfg.hard_negative_fraction:g}"
+                f"p={cfg.hard_negative_fraction:g}, and a hyper- or iso-echoic lesion "
+                f"p={cfg.rare_target_fraction:g}"
             ),
             "augmentation": "affine (rotation +-12 deg US / +-25 deg fluoro, zoom 0.8-1.3, shift 8%), "
             "h-flip (+ v-flip fluoro), gamma 0.7-1.5, gain 0.7-1.3, offset +-0.06, blur p=0.3, "

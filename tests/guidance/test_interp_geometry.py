@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import cv2
@@ -218,3 +219,32 @@ def test_interp_keeps_colinear_pieces_of_a_broken_shaft() -> None:
     res = Interpreter(tip_filter=None).update(lab, (0.2, 0.2), 0.0)
     assert res.instrument is not None
     assert math.dist(res.instrument.raw_tip_px, tip) <= 1.5
+
+
+def _arc(center: tuple[float, float], r: float, a0: float, a1: float, n: int = 60) -> np.ndarray:
+    a = np.radians(np.linspace(a0, a1, n))
+    return np.stack([center[0] + r * np.cos(a), center[1] + r * np.sin(a)], axis=1)
+
+
+def test_interp_follows_a_curved_catheter_across_a_gap() -> None:
+    # A catheter bending across the picture, its mask broken for ~25 px where it crosses the spine: the
+    # piece beyond the gap (with the tip) is neither on the seed's line nor next to its end, but it lies
+    # along the end's tangent. A fragment beside the gap (a vessel edge) is not.
+    lab = np.zeros((H, W), np.uint8)
+    center, r = (128.0, 300.0), 220.0  # a gentle arc entering at the right border, tip towards the left
+    near = _arc(center, r, -40.0, -92.0)
+    far = _arc(center, r, -99.0, -112.0)
+    for seg in (near, far):
+        for p, q in itertools.pairwise(seg):
+            fill_segment(lab, tuple(p), tuple(q), 3.0, INSTRUMENT)
+    fill_segment(lab, (70.0, 140.0), (95.0, 150.0), 3.0, INSTRUMENT)  # off to the side of the gap
+    tip = tuple(far[-1])
+    res = Interpreter(tip_filter=None).update(lab, (0.3, 0.3), 0.0)
+    assert res.instrument is not None
+    assert math.dist(res.instrument.raw_tip_px, tip) <= 3.0
+    without_far = lab.copy()
+    for p, q in itertools.pairwise(far):
+        fill_segment(without_far, tuple(p), tuple(q), 3.0, 0)
+    res = Interpreter(tip_filter=None).update(without_far, (0.3, 0.3), 0.0)
+    assert res.instrument is not None
+    assert math.dist(res.instrument.raw_tip_px, tuple(near[-1])) <= 3.0  # the side fragment is not chained

@@ -224,6 +224,16 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
     }
 
 
+def operating_point_limit(report: Mapping[str, Any]) -> str:
+    """The model card's ``limits`` line on the calibrated operating point (one for every modality)."""
+    return (
+        f"One operating point for every modality (instrument logit bias "
+        f"{float(report['instrument_logit_bias']):g}, target logit bias "
+        f"{float(report.get('target_logit_bias', 0.0)):g}): the bias that holds false detections down "
+        "where they are most frequent also costs instrument recall where they are not (card calibration.sweep)."
+    )
+
+
 def load_run(card_path: Path) -> tuple[dict[str, Any], UNet]:
     """A training run's card and its network (the ``.pt`` beside the card), in eval mode."""
     if not card_path.is_file():
@@ -269,5 +279,6 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
             "why": "keeping only the target's main region raised validation target Dice (calibration)",
         }
     data["calibration"] = dict(report)
+    data["limits"] = [*data.get("limits", []), operating_point_limit(report)]
     new_card.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return onnx_path, new_card

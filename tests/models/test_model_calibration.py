@@ -66,6 +66,8 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     assert data["output"]["instrument_logit_bias"] == 50.0
     assert card.decision_bias == (0.0, 50.0, -0.5)
     assert data["calibration"]["instrument_logit_bias"] == 50.0
+    assert data["limits"][-1] == calibration.operating_point_limit(forced)
+    assert "bias 50" in data["limits"][-1]
     assert (tmp_path / "out" / "m.pt").is_file()
     assert onnx_path.parent == tmp_path / "out"
 

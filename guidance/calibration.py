@@ -224,10 +224,16 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
     }
 
 
+_OPERATING_POINT_LIMIT = "One operating point for every modality"
+
+
 def operating_point_limit(report: Mapping[str, Any]) -> str:
-    """The model card's ``limits`` line on the calibrated operating point (one for every modality)."""
+    """The model card's ``limits`` line on the calibrated operating point (one for every modality).
+
+    Re-calibrating a calibrated card replaces the line rather than adding a second one.
+    """
     return (
-        f"One operating point for every modality (instrument logit bias "
+        f"{_OPERATING_POINT_LIMIT} (instrument logit bias "
         f"{float(report['instrument_logit_bias']):g}, target logit bias "
         f"{float(report.get('target_logit_bias', 0.0)):g}): the bias that holds false detections down "
         "where they are most frequent also costs instrument recall where they are not (card calibration.sweep)."
@@ -279,6 +285,7 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
             "why": "keeping only the target's main region raised validation target Dice (calibration)",
         }
     data["calibration"] = dict(report)
-    data["limits"] = [*data.get("limits", []), operating_point_limit(report)]
+    earlier = [x for x in data.get("limits", []) if not str(x).startswith(_OPERATING_POINT_LIMIT)]
+    data["limits"] = [*earlier, operating_point_limit(report)]
     new_card.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return onnx_path, new_card

@@ -68,6 +68,13 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     assert data["calibration"]["instrument_logit_bias"] == 50.0
     assert data["limits"][-1] == calibration.operating_point_limit(forced)
     assert "bias 50" in data["limits"][-1]
+    _, again = calibration.apply_calibration(
+        new_card, tmp_path / "again", {**forced, "instrument_logit_bias": 4.0}
+    )
+    limits = json.loads(again.read_text())["limits"]
+    assert [x for x in limits if x.startswith("One operating point")] == [
+        calibration.operating_point_limit({**forced, "instrument_logit_bias": 4.0})
+    ]
     assert (tmp_path / "out" / "m.pt").is_file()
     assert onnx_path.parent == tmp_path / "out"
 

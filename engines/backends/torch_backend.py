@@ -209,9 +209,10 @@ class TorchEngine:
         import torch
 
         logits = self._net(x).float()
-        decide = logits if self._shift is None else logits - self._shift
-        labels = torch.argmax(decide, dim=1).to(torch.uint8)
-        prob = torch.softmax(logits, dim=1)[:, 1]
+        prob = torch.softmax(logits, dim=1)[:, 1]  # from the raw logits, before the decision bias
+        if self._shift is not None:
+            logits.sub_(self._shift)  # in place: no second logits tensor per frame
+        labels = torch.argmax(logits, dim=1).to(torch.uint8)
         return labels, prob
 
     def warm_up(self) -> None:

@@ -276,10 +276,8 @@ class _ExportWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.include_argmax = include_argmax
-        self.instrument_logit_bias = float(instrument_logit_bias)
-        self.target_logit_bias = float(target_logit_bias)
         n = int(getattr(getattr(model, "config", None), "num_classes", 3))
-        per_class = ([0.0, self.instrument_logit_bias, self.target_logit_bias] + [0.0] * n)[:n]
+        per_class = ([0.0, float(instrument_logit_bias), float(target_logit_bias)] + [0.0] * n)[:n]
         self.shift: torch.Tensor | None = (
             torch.tensor(per_class, dtype=torch.float32).view(1, n, 1, 1) if any(per_class) else None
         )

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="choose a trained model's instrument/target biases and post-processing on validation phantoms",
         description="Runs the trained network (the .pt beside the card) over validation phantom sequences, "
         "sweeps the instrument logit bias against false instrument detections and instrument Dice, then the "
-        "target logit bias against target Dice, decides whether the target is kept to its main region, then re-exports <out>/<name>.onnx and its card.",
+        "target logit bias against target Dice, decides whether the target is kept to its main region, "
+        "then re-exports <out>/<name>.onnx and its card.",
     )
     p.add_argument("model", type=Path, help="model card (.json) of a training run, with its .pt beside it")
     p.add_argument("--out", type=Path, required=True, help="folder for the calibrated ONNX, card and .pt")

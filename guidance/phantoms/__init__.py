@@ -28,21 +28,28 @@ __all__ = [
 ]
 
 
+_ALIASES = {
+    "us": "us",
+    "ultrasound": "us",
+    "fluoro": "fluoro",
+    "xa": "fluoro",
+    "xray": "fluoro",
+    "x-ray": "fluoro",
+}
+
+
+def _canonical(modality: str) -> str:
+    try:
+        return _ALIASES[modality.lower()]
+    except KeyError:
+        raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'") from None
+
+
 def make_phantom(modality: str, **kw: Any) -> Phantom:
     """Create the phantom of ``modality`` (``"us"`` or ``"fluoro"``); ``kw`` go to its constructor."""
-    m = modality.lower()
-    if m in ("us", "ultrasound"):
-        return UltrasoundPhantom(**kw)
-    if m in ("fluoro", "xa", "xray", "x-ray"):
-        return FluoroPhantom(**kw)
-    raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'")
+    return UltrasoundPhantom(**kw) if _canonical(modality) == "us" else FluoroPhantom(**kw)
 
 
 def sample_config(modality: str, seed: int) -> UltrasoundConfig | FluoroConfig:
     """The configuration ``make_phantom(modality, seed=seed)`` draws, without building the phantom."""
-    m = modality.lower()
-    if m in ("us", "ultrasound"):
-        return UltrasoundConfig.sample(seed)
-    if m in ("fluoro", "xa", "xray", "x-ray"):
-        return FluoroConfig.sample(seed)
-    raise ValueError(f"unknown phantom modality {modality!r}; use 'us' or 'fluoro'")
+    return UltrasoundConfig.sample(seed) if _canonical(modality) == "us" else FluoroConfig.sample(seed)

@@ -105,6 +105,26 @@ def test_choose_bias_prefers_dice_under_the_target_then_near_the_floor() -> None
     ]
     row, rule = calibration.choose_bias(infeasible, mods, 0.02)
     assert row["bias"] == 3
-    assert "lowest reachable rate (0.106)" in rule
+    assert "lowest reachable rate elsewhere (us 0.106)" in rule
+    # One modality's unreachable floor does not loosen the other's limit: fluoroscopy can reach 1 %, so
+    # bias 2 (fluoro 3 %, within 2 points of the US floor) is out although its mean Dice is best.
+    mixed = [
+        _row(0, (0.05, 0.12), (0.91, 0.90)),
+        _row(2, (0.04, 0.03), (0.91, 0.90)),
+        _row(4, (0.04, 0.01), (0.89, 0.88)),
+        _row(6, (0.04, 0.01), (0.87, 0.87)),
+    ]
+    row, rule = calibration.choose_bias(mixed, mods, 0.02)
+    assert row["bias"] == 4
+    assert "us 0.040" in rule
+    assert "fluoro" not in rule
+    # Floors at different biases: the rows nearest to every limit at once.
+    apart = [
+        _row(0, (0.0, 0.10), (0.9, 0.9)),
+        _row(6, (0.10, 0.0), (0.8, 0.8)),
+        _row(3, (0.03, 0.03), (0.85, 0.85)),
+    ]
+    row, _ = calibration.choose_bias(apart, mods, 0.02)
+    assert row["bias"] == 3
     with pytest.raises(calibration.CalibrationError):
         calibration.choose_bias([], mods, 0.02)

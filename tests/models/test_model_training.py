@@ -66,6 +66,8 @@ def test_model_training_is_deterministic_from_seed_and_exports_matching_onnx(tmp
     assert a.steps == b.steps == 3
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    # Trained in channels-last for speed, handed back in the plain NCHW layout export and loaders expect.
+    assert all(p.is_contiguous() for p in a.model.parameters())
 
     # The run folder holds weights, ONNX and a card; ONNX agrees with torch within 1e-4 on the logits.
     card = json.loads((tmp_path / "a" / "m.json").read_text())

@@ -527,8 +527,8 @@ def train(
         logger.info("Starting from weights %s", cfg.init_weights)
     # Channels-last (NHWC) activations: PyTorch's CPU depthwise and pointwise convolutions run their
     # faster oneDNN kernels in that layout. Measured on this 2-core VM, batch 8 at 192x192: forward
-    # 0.30 -> 0.16 s and backward 0.46 -> 0.33 s per step, so about 1.45x the steps in the same minutes.
-    # The layout changes no value; export puts the model back to NCHW (contiguous) first.
+    # 0.30 -> 0.16 s and backward 0.46 -> 0.33 s per step; a 55-minute run went from 3,142 to 5,037 steps.
+    # Only float rounding differs; the trained model goes back to NCHW (contiguous) before export.
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (in place; stubs lack it)
     stride = model.stride
     if cfg.crop % stride or cfg.image_size % stride:

@@ -22,14 +22,10 @@ Real recordings: every PLUS/Slicer sequence file in the PLUS folder (real ultras
 
 The classical baseline (engine ``"classical"``) is evaluated side by side on the same frames. Targets are in
 :data:`TARGETS`; :func:`check_targets` lists which are met.
-
-When :mod:`guidance.interpretation` is not importable yet, a simple stand-in (largest instrument component,
-principal axis, tip = end farther from the image border) is used and the report says so.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import time
@@ -43,6 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.base import INSTRUMENT, TARGET, SegmentationEngine, SegmentationOutput
+from engines.models.preprocess import normalize
+from guidance.interpretation import Interpreter
 from guidance.phantoms import PhantomFrame, make_phantom, sample_config
 
 logger = logging.getLogger(__name__)
@@ -51,8 +49,6 @@ HELDOUT_SEED_BASE = 10_000
 REPO = Path(__file__).resolve().parents[1]
 PLUS_DIR = (REPO.parent / "shared" / "data" / "plus").resolve()
 SEQUENCE_SUFFIXES = (".igs.mha", ".igs.nrrd", ".seq.nrrd", ".mha", ".nrrd")
-#: Instrument pixels below which the stand-in geometry reports "no instrument".
-MIN_INSTRUMENT_PIXELS = 20
 
 #: Acceptance targets (per modality; PLUS: false detections on real recordings).
 TARGETS: Mapping[str, tuple[str, float]] = {
@@ -217,50 +213,12 @@ def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, floa
 
 
 # ------------------------------------------------------------------------------------------ geometry
-def simple_geometry(labels: npt.NDArray[np.uint8]) -> Geometry:
-    """Stand-in interpretation: largest instrument component, principal axis, tip away from the border."""
-    mask = (labels == INSTRUMENT).astype(np.uint8)
-    if int(mask.sum()) < MIN_INSTRUMENT_PIXELS:
-        return Geometry(False)
-    _, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    if int(stats[k, cv2.CC_STAT_AREA]) < MIN_INSTRUMENT_PIXELS:
-        return Geometry(False)
-    ys, xs = np.nonzero(comp == k)
-    pts = np.stack([xs, ys], axis=1).astype(np.float64)
-    mean = pts.mean(axis=0)
-    _, _, vt = np.linalg.svd(pts - mean, full_matrices=False)
-    d = vt[0]
-    proj = (pts - mean) @ d
-    a, b = mean + proj.min() * d, mean + proj.max() * d
-    h, w = labels.shape
-
-    def border(p: npt.NDArray[np.float64]) -> float:
-        return float(min(p[0], p[1], w - 1 - p[0], h - 1 - p[1]))
-
-    tip, entry = (a, b) if border(a) > border(b) else (b, a)
-    angle = math.degrees(math.atan2(tip[1] - entry[1], tip[0] - entry[0])) % 180.0
-    return Geometry(True, (float(tip[0]), float(tip[1])), angle)
-
-
 def geometry_reader_factory() -> tuple[Callable[[], GeometryReader], str]:
-    """``(factory of per-sequence readers, description)``: the Interpreter when importable."""
-    try:
-        # Imported by name: the interpretation module is written in parallel and may not exist yet.
-        interpreter_cls: Any = importlib.import_module("guidance.interpretation").Interpreter
-    except (ImportError, AttributeError) as exc:
-        logger.warning("guidance.interpretation unavailable (%s); using the stand-in geometry", exc)
-
-        def make_simple() -> GeometryReader:
-            def read(out: SegmentationOutput, spacing_mm: tuple[float, float], time_s: float) -> Geometry:
-                return simple_geometry(out.labels)
-
-            return read
-
-        return make_simple, "stand-in (largest component, principal axis)"
+    """``(factory of per-sequence readers, description)``: one :class:`Interpreter` per sequence, as the
+    live app keeps one per source, reporting the raw (unfiltered) tip."""
 
     def make_interp() -> GeometryReader:
-        interp = interpreter_cls()
+        interp = Interpreter()
 
         def read(out: SegmentationOutput, spacing_mm: tuple[float, float], time_s: float) -> Geometry:
             res = interp.update(out.labels, spacing_mm, time_s, out.instrument_prob)
@@ -596,6 +554,7 @@ def contour_grid(
 ) -> Path:
     """A PNG grid: one row per modality; each tile a frame with true (green instrument / cyan target) and
     predicted (red instrument / yellow target) contours, the true tip (green dot) and predicted tip (red)."""
+    reader_factory, _ = geometry_reader_factory()
     rows = []
     for modality, seqs in data.items():
         engine = make_engine(modality)
@@ -606,15 +565,14 @@ def contour_grid(
             ]
             for fr in picks:
                 out = engine.infer(fr.image)
-                from engines.models.preprocess import normalize
-
                 gray = (normalize(fr.image) * 255).astype(np.uint8)
                 canvas: npt.NDArray[np.uint8] = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), np.uint8)
                 _draw_contours(canvas, fr.labels, {INSTRUMENT: (0, 200, 0), TARGET: (255, 255, 0)}, 1)
                 _draw_contours(canvas, out.labels, {INSTRUMENT: (0, 0, 255), TARGET: (0, 220, 255)}, 1)
                 if fr.tip_px is not None:
                     cv2.circle(canvas, (round(fr.tip_px[0]), round(fr.tip_px[1])), 3, (0, 255, 0), -1)
-                geo = simple_geometry(out.labels)
+                # The tip the evaluation measures (a fresh reader per tile: the tiles are not a sequence).
+                geo = reader_factory()(out, fr.spacing_mm, fr.time_s)
                 if geo.tip_px is not None:
                     cv2.circle(canvas, (round(geo.tip_px[0]), round(geo.tip_px[1])), 3, (0, 0, 255), 1)
                 canvas = np.asarray(cv2.resize(canvas, (tile, tile), interpolation=cv2.INTER_AREA), np.uint8)

@@ -12,9 +12,8 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-pytest.importorskip("guidance.interpretation")
 
-from engines.base import INSTRUMENT, EngineInfo, SegmentationOutput
+from engines.base import EngineInfo, SegmentationOutput
 from guidance import evaluation
 from guidance.cli import main
 
@@ -61,20 +60,6 @@ def test_model_evaluation_oracle_scores_perfect() -> None:
     assert r.false_detection_rate == 0.0 or math.isnan(r.false_detection_rate)
     if r.instrument_frames:
         assert r.tip_error_mm_median < 1.0
-
-
-def test_model_evaluation_simple_geometry_finds_tip_away_from_border() -> None:
-    labels = np.zeros((64, 64), np.uint8)
-    for i in range(40):  # needle from the left edge going down-right
-        labels[10 + i // 2, i : i + 1] = INSTRUMENT
-        labels[11 + i // 2, i : i + 1] = INSTRUMENT
-    geo = evaluation.simple_geometry(labels)
-    assert geo.present
-    assert geo.tip_px is not None
-    assert geo.tip_px[0] > 30
-    assert geo.angle_deg is not None
-    assert 20 < geo.angle_deg < 35
-    assert not evaluation.simple_geometry(np.zeros((64, 64), np.uint8)).present
 
 
 def test_model_evaluation_command_writes_report(tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("guidance.interpretation")
-
 from guidance.cli import main
 from guidance.phantoms import make_phantom
 

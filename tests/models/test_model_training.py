@@ -11,7 +11,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("guidance.phantoms")
 
 from engines.models.unet import TINY_CONFIG, build_model  # noqa: E402
 from guidance import training  # noqa: E402

@@ -103,6 +103,25 @@ def test_interp_no_instrument_and_empty() -> None:
     assert res.status == "no instrument"
 
 
+@pytest.mark.parametrize("shape", [(H, W), (616, 820)])
+def test_interp_blobs_are_not_instruments_at_any_frame_size(shape: tuple[int, int]) -> None:
+    """A dot has no axis: on the real PLUS N-wire recordings the network marked wire cross-sections, which
+    the upscaling to a 616x820 frame made larger than the pixel floor. Shape decides, not pixel count."""
+    k = shape[1] / W  # frame pixels per network pixel
+    blob = np.zeros(shape, np.uint8)
+    cv2.circle(blob, (shape[1] // 2, shape[0] // 3), round(3 * k), INSTRUMENT, -1)
+    assert int(blob.sum()) >= 20  # above the pixel floor, so only the shape gate can reject it
+    res = Interpreter(tip_filter=None).update(blob, (0.2, 0.2), 0.0)
+    assert res.instrument is None
+    assert res.status == "no instrument"
+    stub = needle_labels((0.0, 40.0 * k), (4.0 * k, 42.0 * k), 3.0 * k, shape)  # under 6/256 of the frame
+    assert Interpreter(tip_filter=None).update(stub, (0.2, 0.2), 0.0).instrument is None
+    shaft = needle_labels((0.0, 40.0 * k), (20.0 * k, 50.0 * k), 3.0 * k, shape)  # short but a shaft
+    found = Interpreter(tip_filter=None).update(shaft, (0.2, 0.2), 0.0).instrument
+    assert found is not None
+    assert math.dist(found.raw_tip_px, (20.0 * k, 50.0 * k)) < 2.0 * k
+
+
 def test_interp_confidence_falls_for_fragmented_masks() -> None:
     entry, tip = (0.0, 40.0), (180.0, 150.0)
     clean = needle_labels(entry, tip)
@@ -119,7 +138,7 @@ def test_interp_confidence_falls_for_fragmented_masks() -> None:
     c_noisy = Interpreter(tip_filter=None).update(noisy, (0.2, 0.2), 0.0).instrument
     short = (
         Interpreter(tip_filter=None)
-        .update(needle_labels(entry, (8.0, 45.0), 4.0), (0.2, 0.2), 0.0)
+        .update(needle_labels(entry, (14.0, 48.0), 4.0), (0.2, 0.2), 0.0)
         .instrument
     )
     assert c_clean is not None

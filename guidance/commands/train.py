@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--crop-on-target", type=float, default=None, help="fraction of crops centred on the target"
     )
+    p.add_argument(
+        "--fluoro-hard-negative",
+        type=float,
+        default=None,
+        help="fraction of fluoroscopy sequences forced to low dose with opaque vessels",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             "target_ce_weight": args.target_weight,
             "target_dice_weight": args.target_weight,
             "crop_on_target": args.crop_on_target,
+            "fluoro_hard_negative_fraction": args.fluoro_hard_negative,
         }.items()
         if v is not None
     }

@@ -135,3 +135,16 @@ def test_model_sampler_forces_rare_lesion_kinds_with_their_own_contrast() -> Non
     none = dataclasses.replace(cfg, rare_target_fraction=0.0)
     drawn = [p.config.target_kind for p in training.PhantomSampler(none, ("us",), seed=3).pool]
     assert "hypo" in drawn  # the phantom's own mix (60 % hypo) when nothing is forced
+
+
+def test_model_sampler_fluoro_hard_negatives_are_low_dose_with_opaque_vessels() -> None:
+    cfg = dataclasses.replace(TINY, modalities=("fluoro",), pool_size=10, fluoro_hard_negative_fraction=1.0)
+    for p in training.PhantomSampler(cfg, ("fluoro",), seed=5).pool:
+        assert 150.0 <= p.config.dose_photons <= 400.0
+        assert p.config.n_vessels in (2, 3)
+        assert 0.35 <= p.config.vessel_mu <= 0.5
+    # Off (the default), the sampler's generator stream is the one runs s11-s15 were trained with:
+    # the pool is the phantom's own draw, so some sequences have high doses and faint vessels.
+    off = dataclasses.replace(cfg, fluoro_hard_negative_fraction=0.0)
+    doses = [p.config.dose_photons for p in training.PhantomSampler(off, ("fluoro",), seed=5).pool]
+    assert max(doses) > 400.0

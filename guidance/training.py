@@ -112,6 +112,11 @@ class TrainConfig:
     # fluoroscopy false detection on validation came from such a sequence. 0 keeps the generator's
     # stream exactly as it was before this option (runs s11-s15 reproduce).
     fluoro_hard_negative_fraction: float = 0.0
+    # Share of ultrasound sequences given point reflectors (wire rows or scattered calcifications, 3-9),
+    # half of them at a gain 10-26 dB lower so the tissue goes dark around them, as in a water tank.
+    # Models trained without them took the wire cross-sections of a real N-wire calibration recording
+    # for needles. 0 keeps the generator's stream as it was.
+    point_reflector_fraction: float = 0.0
     pool_size: int = 32
     refresh_every: int = 2  # replace one pooled sequence every N steps
     val_every: int = 25
@@ -322,6 +327,15 @@ class PhantomSampler:
             kind = "hyper" if self.rng.uniform() < 0.5 else "iso"
             overrides["target_kind"] = kind
             overrides["target_contrast"] = float(self.rng.uniform(*TARGET_CONTRAST[kind]))
+        if (
+            modality == "us"
+            and self.cfg.point_reflector_fraction > 0.0
+            and self.rng.uniform() < self.cfg.point_reflector_fraction
+        ):
+            overrides["n_point_reflectors"] = int(self.rng.integers(3, 10))
+            overrides["point_layout"] = "rows" if self.rng.uniform() < 0.5 else "scatter"
+            if self.rng.uniform() < 0.5:
+                overrides["gain_db"] = float(self.rng.uniform(-26.0, -10.0))
         if (
             modality == "fluoro"
             and self.cfg.fluoro_hard_negative_fraction > 0.0
@@ -703,8 +717,9 @@ def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) ->
                 f"p={cfg.crop_on_instrument:g}, on target p={cfg.crop_on_target:g}, anywhere otherwise; "
                 f"ultrasound sequences forced to carry bone or distractor lines "
                 f"p={cfg.hard_negative_fraction:g}, and a hyper- or iso-echoic lesion "
-                f"p={cfg.rare_target_fraction:g}; fluoroscopy sequences forced to low dose with opaque "
-                f"vessels p={cfg.fluoro_hard_negative_fraction:g}"
+                f"p={cfg.rare_target_fraction:g}, point reflectors (wires, calcifications) "
+                f"p={cfg.point_reflector_fraction:g}; fluoroscopy sequences forced to low dose with "
+                f"opaque vessels p={cfg.fluoro_hard_negative_fraction:g}"
             ),
             "augmentation": "affine (rotation +-12 deg US / +-25 deg fluoro, zoom 0.8-1.3, shift 8%), "
             "h-flip (+ v-flip fluoro), gamma 0.7-1.5, gain 0.7-1.3, offset +-0.06, blur p=0.3, "

@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="fraction of fluoroscopy sequences forced to low dose with opaque vessels",
     )
+    p.add_argument(
+        "--point-reflectors",
+        type=float,
+        default=None,
+        help="fraction of ultrasound sequences given wire / calcification point reflectors",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             "target_dice_weight": args.target_weight,
             "crop_on_target": args.crop_on_target,
             "fluoro_hard_negative_fraction": args.fluoro_hard_negative,
+            "point_reflector_fraction": args.point_reflectors,
         }.items()
         if v is not None
     }

@@ -113,6 +113,12 @@ class UltrasoundConfig:
     # distractors
     bone: bool = False
     n_distractors: int = 0
+    # Point reflectors: wire cross-sections (a calibration phantom's rows of wires) or calcifications,
+    # bright compact echoes with a short ring-down tail below. Not drawn by :meth:`sample` (0), so every
+    # sampled sequence is as it was; training forces them in as hard negatives. ``point_layout`` "rows"
+    # lines them up like an N-wire phantom, "scatter" spreads them like calcifications.
+    n_point_reflectors: int = 0
+    point_layout: Literal["rows", "scatter"] = "scatter"
     # motion
     breathing_amp_px: float = 3.0
     breathing_period_s: float = 4.0
@@ -313,6 +319,8 @@ class UltrasoundPhantom:
         scat = np.sqrt(np.maximum(echo, 1e-4))
         re = rng.standard_normal((hp, wp)).astype(np.float32) * scat
         im = rng.standard_normal((hp, wp)).astype(np.float32) * scat
+        if cfg.n_point_reflectors > 0:
+            self._add_point_reflectors(re, float(np.mean(echo)), pad)
         sx, sy = cfg.psf_lateral_px, cfg.psf_axial_px
         re = np.asarray(cv2.GaussianBlur(re, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
         im = np.asarray(cv2.GaussianBlur(im, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
@@ -354,6 +362,41 @@ class UltrasoundPhantom:
             self._map_x = ((theta + theta_max) / (2 * theta_max) * (w - 1)).astype(np.float32)
             self._outside = (r < r0) | (r > r0 + h - 1) | (np.abs(theta) > theta_max)
         self._build_needle_path()
+
+    def _add_point_reflectors(self, re: npt.NDArray[np.float32], mean_echo: float, pad: int) -> None:
+        """Deterministic point scatterers (added to the scatterer field before the PSF, so each becomes a
+        PSF-shaped echo, wide laterally and short axially) with a decaying ring-down below. Their own
+        generator: the speckle of a sequence does not change when reflectors are switched on."""
+        cfg = self.config
+        w, h = self.width, self.height
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0x9017E])
+        n = cfg.n_point_reflectors
+        if cfg.point_layout == "rows":
+            n_rows = max(1, min(3, n // 2))
+            per_row = math.ceil(n / n_rows)
+            y0, dy = rng.uniform(0.2, 0.45) * h, rng.uniform(0.1, 0.2) * h
+            x0, dx = rng.uniform(0.15, 0.35) * w, rng.uniform(0.12, 0.25) * w
+            pts = [
+                (x0 + j * dx + rng.normal(0, 2.0), y0 + i * dy + rng.normal(0, 2.0))
+                for i in range(n_rows)
+                for j in range(per_row)
+            ][:n]
+        else:
+            pts = [(rng.uniform(0.1, 0.9) * w, rng.uniform(0.15, 0.9) * h) for _ in range(n)]
+        # Peak echo 20-35 dB above the tissue's speckle: amplitude / (2 pi sx sy) against a blurred
+        # speckle rms of sqrt(mean echo) / (2 sqrt(pi sx sy)).
+        unit = math.sqrt(math.pi * cfg.psf_lateral_px * cfg.psf_axial_px * mean_echo)
+        for x, y in pts:
+            xi, yi = round(x) + pad, round(y) + pad
+            if not (0 <= xi < re.shape[1] and 0 <= yi < re.shape[0]):
+                continue
+            amp = unit * 10.0 ** (rng.uniform(20.0, 35.0) / 20.0)
+            spacing = rng.uniform(2.5, 5.0)
+            for k in range(int(rng.integers(0, 4))):  # ring-down copies, 6-10 dB weaker each
+                yk = yi + round((k + 1) * spacing)
+                if yk < re.shape[0]:
+                    re[yk, xi] += np.float32(amp * 10.0 ** (-(k + 1) * rng.uniform(6.0, 10.0) / 20.0))
+            re[yi, xi] += np.float32(amp)
 
     def _visible(self, p: PointF) -> bool:
         x, y = p

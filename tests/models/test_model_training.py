@@ -148,3 +148,13 @@ def test_model_sampler_fluoro_hard_negatives_are_low_dose_with_opaque_vessels() 
     off = dataclasses.replace(cfg, fluoro_hard_negative_fraction=0.0)
     doses = [p.config.dose_photons for p in training.PhantomSampler(off, ("fluoro",), seed=5).pool]
     assert max(doses) > 400.0
+
+
+def test_model_sampler_point_reflector_hard_negatives() -> None:
+    cfg = dataclasses.replace(TINY, pool_size=10, point_reflector_fraction=1.0)
+    pool = training.PhantomSampler(cfg, ("us",), seed=5).pool
+    assert all(3 <= p.config.n_point_reflectors <= 9 for p in pool)
+    assert {p.config.point_layout for p in pool} == {"rows", "scatter"}
+    assert any(p.config.gain_db <= -10.0 for p in pool)  # some at a water-tank gain
+    off = dataclasses.replace(cfg, point_reflector_fraction=0.0)
+    assert all(p.config.n_point_reflectors == 0 for p in training.PhantomSampler(off, ("us",), seed=5).pool)

@@ -208,3 +208,21 @@ def test_phantom_config_draws_keep_their_order() -> None:
     assert round(c.target_contrast, 4) == 0.9731
     assert 4.0 <= c.halo_px <= 7.0
     assert 0.03 <= c.halo_factor <= 0.1
+
+
+@pytest.mark.parametrize("layout", ["rows", "scatter"])
+def test_phantom_point_reflectors_are_bright_unlabelled_and_leave_the_rest(layout: str) -> None:
+    """Wire / calcification echoes: bright, compact, never labelled; the speckle around them is unchanged."""
+    assert UltrasoundConfig.sample(7).n_point_reflectors == 0  # sample() never draws them
+    kw = {"geometry": "linear", "needle": False, "bone": False, "n_distractors": 0, "target_kind": "none"}
+    plain = UltrasoundPhantom(seed=7, **kw).frame(30)
+    dots = UltrasoundPhantom(seed=7, n_point_reflectors=6, point_layout=layout, **kw).frame(30)
+    assert not (dots.labels == INSTRUMENT).any()
+    assert np.array_equal(plain.labels, dots.labels)
+    diff = np.abs(dots.image.astype(np.int16) - plain.image.astype(np.int16)) > 20
+    _, _, stats, _ = cv2.connectedComponentsWithStats(diff.astype(np.uint8))
+    blobs = [s for s in stats[1:] if s[cv2.CC_STAT_AREA] >= 4]
+    assert 3 <= len(blobs) <= 6 * 4  # each reflector (and its ring-down) shows; none smears the frame
+    assert diff.mean() < 0.02
+    assert all(s[cv2.CC_STAT_WIDTH] <= 16 and s[cv2.CC_STAT_HEIGHT] <= 24 for s in blobs)
+    assert int(dots.image[diff].mean()) > int(plain.image[diff].mean()) + 40

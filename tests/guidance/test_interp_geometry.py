@@ -127,7 +127,7 @@ def test_interp_confidence_falls_for_fragmented_masks() -> None:
     clean = needle_labels(entry, tip)
     broken = clean.copy()
     d = np.subtract(tip, entry) / math.dist(entry, tip)
-    for k in range(10, 200, 25):  # cut the shaft into pieces
+    for k in range(10, 200, 40):  # cut the shaft into five pieces
         p = (entry[0] + k * d[0], entry[1] + k * d[1])
         cv2.circle(broken, (round(p[0]), round(p[1])), 8, 0, -1)
     rng = np.random.default_rng(0)
@@ -149,10 +149,13 @@ def test_interp_confidence_falls_for_fragmented_masks() -> None:
     assert c_broken.confidence < c_clean.confidence - 0.2
     assert c_noisy.confidence < c_clean.confidence - 0.2
     assert short.confidence < c_clean.confidence - 0.2
-    prob = np.full(clean.shape, 0.1, np.float32)
+    prob = np.full(clean.shape, 0.2, np.float32)
     weak = Interpreter(tip_filter=None).update(clean, (0.2, 0.2), 0.0, prob).instrument
     assert weak is not None
     assert weak.confidence < 0.5
+    # below the floor (0.25) the shaft is not reported at all
+    prob[:] = 0.1
+    assert Interpreter(tip_filter=None).update(clean, (0.2, 0.2), 0.0, prob).instrument is None
     assert Interpreter(tip_filter=None, low_confidence=0.9).update(broken, (0.2, 0.2), 0.0).status == (
         "low confidence"
     )
@@ -267,3 +270,21 @@ def test_interp_follows_a_curved_catheter_across_a_gap() -> None:
     res = Interpreter(tip_filter=None).update(without_far, (0.3, 0.3), 0.0)
     assert res.instrument is not None
     assert math.dist(res.instrument.raw_tip_px, tuple(near[-1])) <= 3.0  # the side fragment is not chained
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (616, 820)])
+def test_interp_scattered_wire_echoes_are_no_instrument(shape: tuple[int, int]) -> None:
+    """Rows of short bright dashes (wire cross-sections of an N-wire phantom, each long enough to pass the
+    shape rule on its own) are scattered pieces, not a shaft: no instrument, no tip."""
+    h, w = shape
+    labels = np.zeros(shape, np.uint8)
+    for row in (0.3, 0.45):
+        for col in (0.2, 0.45, 0.7):
+            x, y = round(col * w), round(row * h)
+            cv2.line(labels, (x, y), (x + round(0.035 * w), y + 1), INSTRUMENT, max(2, round(0.008 * w)))
+    interp = Interpreter(tip_filter=None)
+    assert interp.update(labels, (0.2, 0.2), 0.0).instrument is None
+    # one of the dashes alone would be reported (it is a short shaft)
+    one = np.zeros(shape, np.uint8)
+    cv2.line(one, (round(0.2 * w), round(0.3 * h)), (round(0.3 * w), round(0.3 * h) + 3), INSTRUMENT, 3)
+    assert Interpreter(tip_filter=None).update(one, (0.2, 0.2), 0.0).instrument is not None

@@ -152,8 +152,10 @@ class Interpreter:
             tip, trajectory and distance drawn from it would be made up. On the validation phantoms (720
             frames per modality, four models) 0.25 dropped 0-3 true detections per model, and the only ones
             it dropped with a tip error over 2 mm had locked onto another structure (24-26 mm off). On the
-            real PLUS recordings the false detections were wire cross-sections, several dots at once,
-            scored 0.04-0.4.
+            real PLUS recordings the false detections were wire cross-sections, several dots at once;
+            for a model that made many (run s17) 80 % of them scored 0.04-0.4, and 0.25 removed four in
+            five (68 % of frames -> 14 %). (Chosen after looking at those frames, so the PLUS rate is not
+            a blind test of this rule.)
         low_confidence: below this confidence the status is "low confidence".
         direction_margin_px: when both shaft ends are this close to equally near the border, keep the
             insertion direction of the previous frames instead of flipping.

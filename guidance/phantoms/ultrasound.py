@@ -7,7 +7,8 @@ Model (all of it a pure function of ``(seed, frame index)``):
   function (short axially, wide laterally); its envelope is Rayleigh distributed (fully developed speckle).
   Layers have wavy interfaces with specular bright lines. The lesion (hypo-, hyper- or iso-echoic, with an
   irregular border), an optional bone-like bright surface with an acoustic shadow, and needle-like
-  distractors (bright straight fascia lines that never enter from the edge) are baked into the same map.
+  distractors (bright straight fascia lines that never enter from the edge) are baked into the same map;
+  point reflectors (wire rows or calcifications, only when asked for) are added to the scatterer field.
   Everything is log-compressed once into display units.
 * **Per frame** (< ~1 ms at 256x256): the tissue field is cropped at the breathing / probe-motion offset,
   depth attenuation and time-gain compensation (an imperfect match, so bands remain) are added as a row

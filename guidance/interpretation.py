@@ -329,10 +329,9 @@ class Interpreter:
         # Ends = extreme inlier pixel centres (for a solid shaft a few px wide they lie within a fraction of
         # a pixel of the true flat end; no half-pixel extension, which measured as a bias).
         t0, t1 = float(t_in.min()), float(t_in.max())
-        chord = t1 - t0
-        if chord < self.min_length_frac * max(h, w) or chord * chord < self.min_elongation * n_px:
+        length_px = t1 - t0  # the visible shaft's chord
+        if length_px < self.min_length_frac * max(h, w) or length_px**2 < self.min_elongation * n_px:
             return None  # a blob or a speck: no shaft, no axis
-        length_px = t1 - t0
         # Confidence: one clean, solid, long enough component scores 1; fragments, gaps, stray pixels,
         # short stubs and (when given) weak instrument probabilities pull it down.
         significant = sum(1 for c in contours if _pixel_area(c) >= max(3.0, 0.05 * total_px))

@@ -334,8 +334,14 @@ class PhantomSampler:
         ):
             overrides["n_point_reflectors"] = int(self.rng.integers(3, 10))
             overrides["point_layout"] = "rows" if self.rng.uniform() < 0.5 else "scatter"
-            if self.rng.uniform() < 0.5:
-                overrides["gain_db"] = float(self.rng.uniform(-26.0, -10.0))
+            look = self.rng.uniform()
+            if look < 0.5:
+                # A wire phantom in a water tank: black but for the wires (and the needle, if any). No
+                # lesion (there is no tissue to hold one) and no bone.
+                overrides["water_bath_db"] = float(self.rng.uniform(30.0, 50.0))
+                overrides.update(target_kind="none", bone=False, n_distractors=0)
+            elif look < 0.75:
+                overrides["gain_db"] = float(self.rng.uniform(-26.0, -10.0))  # tissue at a tank's gain
         if (
             modality == "fluoro"
             and self.cfg.fluoro_hard_negative_fraction > 0.0
@@ -717,8 +723,8 @@ def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) ->
                 f"p={cfg.crop_on_instrument:g}, on target p={cfg.crop_on_target:g}, anywhere otherwise; "
                 f"ultrasound sequences forced to carry bone or distractor lines "
                 f"p={cfg.hard_negative_fraction:g}, and a hyper- or iso-echoic lesion "
-                f"p={cfg.rare_target_fraction:g}, point reflectors (wires, calcifications) "
-                f"p={cfg.point_reflector_fraction:g}; fluoroscopy sequences forced to low dose with "
+                f"p={cfg.rare_target_fraction:g}, point reflectors (wires, calcifications; half of them in a "
+                f"water bath) p={cfg.point_reflector_fraction:g}; fluoroscopy sequences forced to low dose with "
                 f"opaque vessels p={cfg.fluoro_hard_negative_fraction:g}"
             ),
             "augmentation": "affine (rotation +-12 deg US / +-25 deg fluoro, zoom 0.8-1.3, shift 8%), "

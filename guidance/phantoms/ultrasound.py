@@ -120,6 +120,10 @@ class UltrasoundConfig:
     # lines them up like an N-wire phantom, "scatter" spreads them like calcifications.
     n_point_reflectors: int = 0
     point_layout: Literal["rows", "scatter"] = "scatter"
+    # A water tank (a wire phantom's bath): the tissue's echo is lowered by this many dB everywhere, so the
+    # frame is black except for the reflectors, the needle and the noise. The reflectors and the needle
+    # keep their level relative to the tissue the gain was set for. 0: tissue, as sampled.
+    water_bath_db: float = 0.0
     # motion
     breathing_amp_px: float = 3.0
     breathing_period_s: float = 4.0
@@ -317,16 +321,24 @@ class UltrasoundPhantom:
             echo += float(rng.uniform(15.0, 50.0)) * cv2.GaussianBlur(layer, (0, 0), 0.7)
 
         # Speckle: complex Gaussian scatterers weighted by sqrt(echogenicity), convolved with the PSF.
-        scat = np.sqrt(np.maximum(echo, 1e-4))
+        tissue_echo = float(np.mean(echo))
+        if cfg.water_bath_db > 0.0:
+            echo *= np.float32(10.0 ** (-cfg.water_bath_db / 10.0))
+        scat = np.sqrt(np.maximum(echo, np.float32(1e-4 * 10.0 ** (-cfg.water_bath_db / 10.0))))
         re = rng.standard_normal((hp, wp)).astype(np.float32) * scat
         im = rng.standard_normal((hp, wp)).astype(np.float32) * scat
-        if cfg.n_point_reflectors > 0:
-            self._add_point_reflectors(re, float(np.mean(echo)), pad)
         sx, sy = cfg.psf_lateral_px, cfg.psf_axial_px
         re = np.asarray(cv2.GaussianBlur(re, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
         im = np.asarray(cv2.GaussianBlur(im, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
+        # Mean intensity follows echogenicity. The scale comes from the speckle alone: a bright reflector
+        # must not dim the tissue around it (it did, by up to 7 dB, when the reflectors were in the sum).
         env = np.sqrt(re * re + im * im)
-        env /= float(np.sqrt(np.mean(env * env) / np.mean(echo)))  # mean intensity follows echogenicity
+        scale = float(np.sqrt(np.mean(env * env) / np.mean(echo)))
+        if cfg.n_point_reflectors > 0:
+            points = self._point_reflectors((hp, wp), tissue_echo, pad)
+            re += np.asarray(cv2.GaussianBlur(points, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
+            env = np.sqrt(re * re + im * im)
+        env /= scale
         db = 20.0 * np.log10(env + 1e-3)
         self._unit = 255.0 / cfg.dynamic_range_db  # display units per dB
         floor_db = -0.45 * cfg.dynamic_range_db - cfg.gain_db
@@ -364,12 +376,20 @@ class UltrasoundPhantom:
             self._outside = (r < r0) | (r > r0 + h - 1) | (np.abs(theta) > theta_max)
         self._build_needle_path()
 
-    def _add_point_reflectors(self, re: npt.NDArray[np.float32], mean_echo: float, pad: int) -> None:
-        """Deterministic point scatterers (added to the scatterer field before the PSF, so each becomes a
-        PSF-shaped echo, wide laterally and short axially) with a decaying ring-down below. Their own
-        generator: the speckle of a sequence does not change when reflectors are switched on."""
+    def _point_reflectors(
+        self, shape: tuple[int, int], tissue_echo: float, pad: int
+    ) -> npt.NDArray[np.float32]:
+        """Scatterer field of the point reflectors, before the point-spread function.
+
+        Each is a short coherent run of scatterers (0-2 px either side laterally, 0-1 px axially), so after
+        the PSF it is a bright blob wider than it is tall, like a wire seen across the beam, with a decaying
+        ring-down below. Peak echo 12-35 dB above the tissue's speckle (``tissue_echo``: the tissue's mean
+        echogenicity before any water bath). Their own generator: the speckle of a sequence does not change
+        when reflectors are switched on.
+        """
         cfg = self.config
         w, h = self.width, self.height
+        field = np.zeros(shape, dtype=np.float32)
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0x9017E])
         n = cfg.n_point_reflectors
         if cfg.point_layout == "rows":
@@ -384,20 +404,26 @@ class UltrasoundPhantom:
             ][:n]
         else:
             pts = [(rng.uniform(0.1, 0.9) * w, rng.uniform(0.15, 0.9) * h) for _ in range(n)]
-        # Peak echo 20-35 dB above the tissue's speckle: amplitude / (2 pi sx sy) against a blurred
-        # speckle rms of sqrt(mean echo) / (2 sqrt(pi sx sy)).
-        unit = math.sqrt(math.pi * cfg.psf_lateral_px * cfg.psf_axial_px * mean_echo)
+        # amplitude / (2 pi sx sy) after the PSF, against a blurred speckle rms of
+        # sqrt(tissue_echo) / (2 sqrt(pi sx sy)).
+        unit = math.sqrt(math.pi * cfg.psf_lateral_px * cfg.psf_axial_px * tissue_echo)
+        rows, cols = shape
         for x, y in pts:
             xi, yi = round(x) + pad, round(y) + pad
-            if not (0 <= xi < re.shape[1] and 0 <= yi < re.shape[0]):
-                continue
-            amp = unit * 10.0 ** (rng.uniform(20.0, 35.0) / 20.0)
+            amp = unit * 10.0 ** (rng.uniform(12.0, 35.0) / 20.0)
+            half_w, half_h = int(rng.integers(0, 3)), int(rng.uniform() < 0.3)
             spacing = rng.uniform(2.5, 5.0)
-            for k in range(int(rng.integers(0, 4))):  # ring-down copies, 6-10 dB weaker each
-                yk = yi + round((k + 1) * spacing)
-                if yk < re.shape[0]:
-                    re[yk, xi] += np.float32(amp * 10.0 ** (-(k + 1) * rng.uniform(6.0, 10.0) / 20.0))
-            re[yi, xi] += np.float32(amp)
+            n_ring = int(rng.integers(0, 3))
+            ring_db = rng.uniform(10.0, 20.0, size=n_ring)
+            per = amp / math.sqrt((2 * half_w + 1) * (half_h + 1))  # the run's peak stays near ``amp``
+            for k in range(n_ring + 1):  # k = 0: the reflector; then ring-down copies, 10-20 dB weaker each
+                a = per * (10.0 ** (-float(ring_db[:k].sum()) / 20.0))
+                yk = yi + round(k * spacing)
+                r0, r1 = max(0, yk), min(rows, yk + half_h + 1)
+                c0, c1 = max(0, xi - half_w), min(cols, xi + half_w + 1)
+                if r0 < r1 and c0 < c1:
+                    field[r0:r1, c0:c1] += np.float32(a)
+        return field
 
     def _visible(self, p: PointF) -> bool:
         x, y = p
@@ -558,10 +584,12 @@ class UltrasoundPhantom:
         poly = np.array([fixed(p) for p in quad], dtype=np.int32)
         cv2.fillPoly(layer, [poly], -cfg.shadow_db * self._unit, lineType=cv2.LINE_8, shift=DRAW_SHIFT)
         # Specular shaft (brightness falls with insertion angle), a bright bevel at the tip, reverberations.
+        # In a water bath the needle echoes as it would in tissue: its level is lifted by the bath's drop.
         vis = 0.3 + 0.7 * math.cos(math.radians(cfg.needle_angle_deg)) ** 2
         peak = cfg.needle_brightness_db * vis * self._unit
+        bath = cfg.water_bath_db * self._unit
         for a, b in segments:
-            fill_segment(layer, a, b, cfg.needle_width_px, peak)
+            fill_segment(layer, a, b, cfg.needle_width_px, peak + bath)
             for r in range(1, cfg.reverb_count + 1):
                 off = r * cfg.reverb_spacing_px
                 fill_segment(
@@ -569,9 +597,11 @@ class UltrasoundPhantom:
                     (a[0], a[1] + off),
                     (b[0], b[1] + off),
                     max(1.0, cfg.needle_width_px - 1.0),
-                    peak * 0.55**r,
+                    peak * 0.55**r + bath,
                 )
-        cv2.circle(layer, fixed(tip), round(cfg.needle_width_px * 8), peak * 1.2, -1, cv2.LINE_8, DRAW_SHIFT)
+        cv2.circle(
+            layer, fixed(tip), round(cfg.needle_width_px * 8), peak * 1.2 + bath, -1, cv2.LINE_8, DRAW_SHIFT
+        )
         buf += np.asarray(
             cv2.GaussianBlur(layer, (0, 0), sigmaX=cfg.psf_lateral_px * 0.6, sigmaY=cfg.psf_axial_px),
             dtype=np.float32,

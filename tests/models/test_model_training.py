@@ -155,6 +155,9 @@ def test_model_sampler_point_reflector_hard_negatives() -> None:
     pool = training.PhantomSampler(cfg, ("us",), seed=5).pool
     assert all(3 <= p.config.n_point_reflectors <= 9 for p in pool)
     assert {p.config.point_layout for p in pool} == {"rows", "scatter"}
-    assert any(p.config.gain_db <= -10.0 for p in pool)  # some at a water-tank gain
+    assert any(p.config.gain_db <= -10.0 and p.config.water_bath_db == 0.0 for p in pool)  # tank gain
+    tanks = [p.config for p in pool if p.config.water_bath_db > 0.0]
+    assert tanks, "some sequences are wire phantoms in a water bath"
+    assert all(30.0 <= c.water_bath_db <= 50.0 and c.target_kind == "none" and not c.bone for c in tanks)
     off = dataclasses.replace(cfg, point_reflector_fraction=0.0)
     assert all(p.config.n_point_reflectors == 0 for p in training.PhantomSampler(off, ("us",), seed=5).pool)

@@ -226,3 +226,26 @@ def test_phantom_point_reflectors_are_bright_unlabelled_and_leave_the_rest(layou
     assert diff.mean() < 0.02
     assert all(s[cv2.CC_STAT_WIDTH] <= 16 and s[cv2.CC_STAT_HEIGHT] <= 24 for s in blobs)
     assert int(dots.image[diff].mean()) > int(plain.image[diff].mean()) + 40
+    # Away from the reflectors the tissue is as it was: the brightness scale comes from the speckle alone.
+    far = cv2.dilate(diff.astype(np.uint8), np.ones((21, 21), np.uint8)) == 0
+    assert np.abs(dots.image[far].astype(np.int16) - plain.image[far]).max() <= 1
+
+
+def test_phantom_water_bath_is_black_but_for_the_wires_and_the_needle() -> None:
+    """A wire phantom in a water tank: no speckle, bright wire echoes, and a needle as bright as in tissue."""
+    kw = {"geometry": "linear", "needle": True, "bone": False, "n_distractors": 0, "target_kind": "none"}
+    tank = UltrasoundPhantom(seed=7, water_bath_db=40.0, n_point_reflectors=6, point_layout="rows", **kw)
+    tissue = UltrasoundPhantom(seed=7, **kw)
+    i = next(i for i in range(0, 300, 10) if tank.frame(i).instrument_present)
+    f, g = tank.frame(i), tissue.frame(i)
+    assert np.array_equal(f.labels, g.labels)
+    bright = f.image > 100
+    _, _, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8))
+    needle = cv2.dilate((f.labels == INSTRUMENT).astype(np.uint8), np.ones((25, 25), np.uint8)) > 0
+    wires = [s for s in stats[1:] if s[cv2.CC_STAT_AREA] >= 3]
+    assert len(wires) >= 4  # the needle, and the wires that the needle does not hide
+    background = ~cv2.dilate(bright.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) & ~needle
+    assert np.median(f.image[background]) <= 3  # water is black
+    assert np.median(g.image[background]) >= 40  # tissue is not
+    shaft = f.labels == INSTRUMENT
+    assert f.image[shaft].mean() >= 0.8 * g.image[shaft].mean()  # the needle echoes as it does in tissue

@@ -122,7 +122,7 @@ class UltrasoundConfig:
     point_layout: Literal["rows", "scatter"] = "scatter"
     # A water tank (a wire phantom's bath): the tissue's echo is lowered by this many dB everywhere, so the
     # frame is black except for the reflectors, the needle and the noise. The reflectors and the needle
-    # keep their level relative to the tissue the gain was set for. 0: tissue, as sampled.
+    # keep their level relative to the tissue the gain was set for. 0 (never drawn by :meth:`sample`): tissue.
     water_bath_db: float = 0.0
     # motion
     breathing_amp_px: float = 3.0
@@ -331,7 +331,7 @@ class UltrasoundPhantom:
         re = np.asarray(cv2.GaussianBlur(re, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
         im = np.asarray(cv2.GaussianBlur(im, (0, 0), sigmaX=sx, sigmaY=sy), dtype=np.float32)
         # Mean intensity follows echogenicity. The scale comes from the speckle alone: a bright reflector
-        # must not dim the tissue around it (it did, by up to 7 dB, when the reflectors were in the sum).
+        # must not dim the tissue around it (it did, by several dB, while the reflectors were in the sum).
         env = np.sqrt(re * re + im * im)
         scale = float(np.sqrt(np.mean(env * env) / np.mean(echo)))
         if cfg.n_point_reflectors > 0:

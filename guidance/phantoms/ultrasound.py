@@ -322,9 +322,9 @@ class UltrasoundPhantom:
 
         # Speckle: complex Gaussian scatterers weighted by sqrt(echogenicity), convolved with the PSF.
         tissue_echo = float(np.mean(echo))
-        if cfg.water_bath_db > 0.0:
-            echo *= np.float32(10.0 ** (-cfg.water_bath_db / 10.0))
-        scat = np.sqrt(np.maximum(echo, np.float32(1e-4 * 10.0 ** (-cfg.water_bath_db / 10.0))))
+        bath = np.float32(10.0 ** (-cfg.water_bath_db / 10.0))  # 1 without a water bath: nothing changes
+        echo *= bath
+        scat = np.sqrt(np.maximum(echo, 1e-4 * bath))
         re = rng.standard_normal((hp, wp)).astype(np.float32) * scat
         im = rng.standard_normal((hp, wp)).astype(np.float32) * scat
         sx, sy = cfg.psf_lateral_px, cfg.psf_axial_px

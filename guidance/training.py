@@ -117,6 +117,11 @@ class TrainConfig:
     # Models trained without them took the wire cross-sections of a real N-wire calibration recording
     # for needles. 0 keeps the generator's stream as it was.
     point_reflector_fraction: float = 0.0
+    # Share of ultrasound sequences (in tissue, not in a water bath) given 1-3 curved specular walls with
+    # no shadow: fluid cavities and bowl-shaped interfaces. On the one real curvilinear PLUS frame every
+    # model took a straight stretch of such a wall for a needle; the phantom's only curved bright surface
+    # was bone, always deep and always shadowed. 0 keeps the generator's stream as it was.
+    curved_wall_fraction: float = 0.0
     pool_size: int = 32
     refresh_every: int = 2  # replace one pooled sequence every N steps
     val_every: int = 25
@@ -342,6 +347,13 @@ class PhantomSampler:
                 overrides.update(target_kind="none", bone=False, n_distractors=0)
             elif look < 0.75:
                 overrides["gain_db"] = float(self.rng.uniform(-26.0, -10.0))  # tissue at a tank's gain
+        if (
+            modality == "us"
+            and self.cfg.curved_wall_fraction > 0.0
+            and self.rng.uniform() < self.cfg.curved_wall_fraction
+            and "water_bath_db" not in overrides
+        ):
+            overrides["n_curved_walls"] = int(self.rng.integers(1, 4))
         if (
             modality == "fluoro"
             and self.cfg.fluoro_hard_negative_fraction > 0.0
@@ -724,7 +736,8 @@ def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) ->
                 f"ultrasound sequences forced to carry bone or distractor lines "
                 f"p={cfg.hard_negative_fraction:g}, and a hyper- or iso-echoic lesion "
                 f"p={cfg.rare_target_fraction:g}, point reflectors (wires, calcifications; half of them in a "
-                f"water bath) p={cfg.point_reflector_fraction:g}; fluoroscopy sequences forced to low dose with "
+                f"water bath) p={cfg.point_reflector_fraction:g}, curved specular walls without a shadow "
+                f"(cavities, bowls) p={cfg.curved_wall_fraction:g}; fluoroscopy sequences forced to low dose with "
                 f"opaque vessels p={cfg.fluoro_hard_negative_fraction:g}"
             ),
             "augmentation": "affine (rotation +-12 deg US / +-25 deg fluoro, zoom 0.8-1.3, shift 8%), "

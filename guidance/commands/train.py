@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="fraction of ultrasound sequences given wire / calcification point reflectors",
     )
+    p.add_argument(
+        "--curved-walls",
+        type=float,
+        default=None,
+        help="fraction of ultrasound sequences given curved specular walls (cavities, bowls) without a shadow",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             "crop_on_target": args.crop_on_target,
             "fluoro_hard_negative_fraction": args.fluoro_hard_negative,
             "point_reflector_fraction": args.point_reflectors,
+            "curved_wall_fraction": args.curved_walls,
         }.items()
         if v is not None
     }

@@ -124,6 +124,12 @@ class UltrasoundConfig:
     # frame is black except for the reflectors, the needle and the noise. The reflectors and the needle
     # keep their level relative to the tissue the gain was set for. 0 (never drawn by :meth:`sample`): tissue.
     water_bath_db: float = 0.0
+    # Curved specular walls inside the field with no shadow under them: the wall of a bladder, a vessel or a
+    # cyst (a fluid cavity, dark inside, brighter below: posterior enhancement) or an open bowl-shaped
+    # interface. Brightest where the wall faces the beam, but the steep flanks still echo, and a stretch of a
+    # large one is nearly straight: models took such a flank on a real curvilinear frame for a needle.
+    # Not drawn by :meth:`sample` (0), so every sampled sequence is as it was; training forces them in.
+    n_curved_walls: int = 0
     # motion
     breathing_amp_px: float = 3.0
     breathing_period_s: float = 4.0
@@ -319,6 +325,8 @@ class UltrasoundPhantom:
                 layer, (c[0] - d[0], c[1] - d[1]), (c[0] + d[0], c[1] + d[1]), rng.uniform(1.5, 3), 1.0
             )
             echo += float(rng.uniform(15.0, 50.0)) * cv2.GaussianBlur(layer, (0, 0), 0.7)
+        if cfg.n_curved_walls > 0:
+            echo = self._curved_walls(echo, xx, yy, base_labels == TARGET)
 
         # Speckle: complex Gaussian scatterers weighted by sqrt(echogenicity), convolved with the PSF.
         tissue_echo = float(np.mean(echo))
@@ -424,6 +432,73 @@ class UltrasoundPhantom:
                 if r0 < r1 and c0 < c1:
                     field[r0:r1, c0:c1] += np.float32(a)
         return field
+
+    def _curved_walls(
+        self,
+        echo: npt.NDArray[np.float32],
+        xx: npt.NDArray[np.float32],
+        yy: npt.NDArray[np.float32],
+        lesion: npt.NDArray[np.bool_],
+    ) -> npt.NDArray[np.float32]:
+        """``echo`` with ``n_curved_walls`` curved specular walls (in the beam frame: rows = depth).
+
+        Each is an ellipse 20-70 % of the width across, tilted up to 25 degrees: 60 % a fluid cavity (the
+        whole wall, 0.01-0.12 echogenicity inside: anechoic fluid, darker than
+        most hypoechoic lesions, whose borders are irregular where a cavity's is smooth, posterior enhancement fading over 15-60 px below it), 40 %
+        an open bowl (the lower 100-220 degrees of the wall, tissue on both sides). The wall's brightness
+        goes as 0.25 + 0.75 cos^2 of the angle between its normal and the beam, peaking 8-150x (9-22 dB)
+        above the tissue, as bright as a needle at the top of that range; there is no shadow. Walls avoid the lesion (its label must stay true); one that cannot be placed in
+        12 tries is left out. Their own generator: the speckle does not change when walls are switched on.
+        """
+        cfg = self.config
+        w, h = self.width, self.height
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xB0771E])
+        keep_out = cv2.dilate(
+            lesion.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
+        ).astype(bool)
+        for _ in range(cfg.n_curved_walls):
+            cavity = rng.uniform() < 0.6
+            for _try in range(12):
+                a = rng.uniform(0.1, 0.35) * w  # semi-axes in pixels
+                b = a * rng.uniform(0.35, 0.9)
+                cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.75) * h
+                phi = math.radians(rng.uniform(-25.0, 25.0))
+                c, s = math.cos(phi), math.sin(phi)
+                u = (xx - cx) * c + (yy - cy) * s  # ellipse frame
+                v = -(xx - cx) * s + (yy - cy) * c
+                rho = np.sqrt((u / a) ** 2 + (v / b) ** 2) + 1e-6
+                gu, gv = u / (a * a * rho), v / (b * b * rho)  # gradient of rho, ellipse frame
+                gnorm = np.sqrt(gu * gu + gv * gv) + 1e-6
+                dist = (rho - 1.0) / gnorm  # signed distance to the wall, pixels (first order)
+                wall = np.exp(-0.5 * (dist / rng.uniform(0.8, 1.5)) ** 2)
+                if not cavity:
+                    # The lower arc only: parametric angle within +-span/2 of straight down.
+                    half = math.radians(rng.uniform(100.0, 220.0)) / 2
+                    ang = np.arctan2(v / b, u / a) - math.pi / 2
+                    off = np.abs(np.angle(np.exp(1j * ang)))
+                    wall *= np.clip((half - off) / 0.15, 0.0, 1.0).astype(np.float32)
+                inside = rho < 1.0
+                if not ((wall > 0.2) & keep_out).any() and not (cavity and (inside & keep_out).any()):
+                    break
+            else:
+                continue
+            ny = (gu * s + gv * c) / gnorm  # the normal's component along the beam (image rows)
+            wall *= 0.25 + 0.75 * ny * ny
+            if cavity:
+                fluid = cv2.GaussianBlur(inside.astype(np.float32), (0, 0), 1.0)
+                echo = echo * (1.0 + (rng.uniform(0.01, 0.12) - 1.0) * fluid)
+                # Posterior enhancement: below the cavity, along the beam, fading with depth.
+                rows = np.arange(inside.shape[0], dtype=np.float32)[:, None]
+                bottom = np.where(
+                    inside.any(axis=0), inside.shape[0] - 1 - np.argmax(inside[::-1], axis=0), -1
+                )
+                depth = rows - bottom[None, :].astype(np.float32)
+                below = (depth > 0) & (bottom[None, :] >= 0)
+                fade = np.exp(-np.maximum(depth, 0.0) / rng.uniform(15.0, 60.0))
+                echo = echo * (1.0 + rng.uniform(0.3, 1.0) * below * fade)
+            peak = math.exp(rng.uniform(math.log(8.0), math.log(150.0)))
+            echo = (echo + peak * wall).astype(np.float32)
+        return echo.astype(np.float32)
 
     def _visible(self, p: PointF) -> bool:
         x, y = p

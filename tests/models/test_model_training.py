@@ -161,3 +161,16 @@ def test_model_sampler_point_reflector_hard_negatives() -> None:
     assert all(30.0 <= c.water_bath_db <= 50.0 and c.target_kind == "none" and not c.bone for c in tanks)
     off = dataclasses.replace(cfg, point_reflector_fraction=0.0)
     assert all(p.config.n_point_reflectors == 0 for p in training.PhantomSampler(off, ("us",), seed=5).pool)
+
+
+def test_model_sampler_curved_wall_hard_negatives() -> None:
+    both = dataclasses.replace(TINY, pool_size=12, point_reflector_fraction=0.5, curved_wall_fraction=1.0)
+    pool = [p.config for p in training.PhantomSampler(both, ("us",), seed=6).pool]
+    tissue = [c for c in pool if c.water_bath_db == 0.0]
+    assert tissue
+    assert all(1 <= c.n_curved_walls <= 3 for c in tissue)
+    baths = [c for c in pool if c.water_bath_db > 0.0]
+    assert baths
+    assert all(c.n_curved_walls == 0 for c in baths)  # no tissue, no walls
+    off = dataclasses.replace(both, curved_wall_fraction=0.0)
+    assert all(p.config.n_curved_walls == 0 for p in training.PhantomSampler(off, ("us",), seed=6).pool)

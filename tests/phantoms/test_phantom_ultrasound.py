@@ -249,3 +249,36 @@ def test_phantom_water_bath_is_black_but_for_the_wires_and_the_needle() -> None:
     assert np.median(g.image[background]) >= 40  # tissue is not
     shaft = f.labels == INSTRUMENT
     assert f.image[shaft].mean() >= 0.8 * g.image[shaft].mean()  # the needle echoes as it does in tissue
+
+
+@pytest.mark.parametrize("seed", [3, 8, 21])
+def test_phantom_curved_walls_are_bright_unshadowed_and_miss_the_lesion(seed: int) -> None:
+    """Curved specular walls (cavities, bowls): bright, never labelled, no shadow, off the lesion."""
+    assert UltrasoundConfig.sample(seed).n_curved_walls == 0  # sample() never draws them
+    ph = UltrasoundPhantom(seed=seed, n_curved_walls=3, target_kind="hypo", target_radius_px=14.0)
+    h, w = ph.height, ph.width
+    pad = 6
+    yy = np.arange(h + 2 * pad, dtype=np.float32)[:, None] - pad
+    xx = np.arange(w + 2 * pad, dtype=np.float32)[None, :] - pad
+    flat = np.ones((h + 2 * pad, w + 2 * pad), np.float32)
+    lesion = np.zeros(flat.shape, bool)
+    cx, cy = w * 0.55 + pad, h * 0.6 + pad
+    lesion[(yy + pad - cy) ** 2 + (xx + pad - cx) ** 2 <= 14.0**2] = True
+    out = ph._curved_walls(flat.copy(), xx, yy, lesion)  # the echo map, before speckle
+    wall = out > 3.0
+    assert wall.sum() > 40  # at least one wall is there and bright
+    assert out.max() > 8.0
+    # No shadow: under the deepest wall pixel of every column the tissue is never darker than it was.
+    for col in np.flatnonzero(wall.any(axis=0)):
+        deepest = np.flatnonzero(wall[:, col]).max()
+        assert out[deepest + 3 :, col].min() >= 0.999, f"shadow under a wall in column {col}"
+    # The lesion's echo is neither darkened (no fluid) nor crossed by a wall (posterior enhancement, a
+    # brightening of at most 2x, may reach it).
+    ratio = out[lesion]
+    assert ratio.min() >= 0.99
+    assert ratio.max() <= 2.5
+    # In the frame: the labels are those of the sequence without walls, and the walls show.
+    plain = UltrasoundPhantom(seed=seed, target_kind="hypo", target_radius_px=14.0)
+    f, g = ph.frame(40), plain.frame(40)
+    assert np.array_equal(f.labels, g.labels)
+    assert (f.image.astype(np.int16) - g.image > 60).sum() > 40

@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--crop", type=int, default=None, help="training crop size in pixels (multiple of 16)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu (default), cuda, cuda:N, or auto (CUDA when torch sees a GPU); phantoms are made on the CPU",
+    )
     p.add_argument("--init", default=None, help="start from this state_dict (.pt), e.g. to fine-tune")
     p.add_argument(
         "--target-weight", type=float, default=None, help="weight of the target's CE and Dice terms"
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             "crop": args.crop,
             "lr": args.lr,
             "threads": args.threads,
+            "device": args.device,
             "init_weights": args.init,
             "target_ce_weight": args.target_weight,
             "target_dice_weight": args.target_weight,

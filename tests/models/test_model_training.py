@@ -72,6 +72,7 @@ def test_model_training_is_deterministic_from_seed_and_exports_matching_onnx(tmp
     card = json.loads((tmp_path / "a" / "m.json").read_text())
     assert card["training"]["steps"] == 3
     assert card["training"]["seed"] == 1
+    assert card["training"]["hardware"] == "CPU, 1 thread"
     assert card["input"]["height"] == 64
     x = np.random.default_rng(5).random((1, 1, 64, 64), dtype=np.float32)
     sess = ort.InferenceSession(str(tmp_path / "a" / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -82,6 +83,33 @@ def test_model_training_is_deterministic_from_seed_and_exports_matching_onnx(tmp
     reloaded = training.load_trained(tmp_path / "a" / "m.pt", TINY_CONFIG)
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(torch.from_numpy(x)).numpy(), ref)
+
+
+def test_model_training_device_choice_says_why_cuda_is_unusable() -> None:
+    assert training.resolve_device("cpu").type == "cpu"
+    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(training.TrainingError, match="unknown training device"):
+        training.resolve_device("gpu0")
+    with pytest.raises(training.TrainingError, match="CPU or an NVIDIA GPU"):
+        training.resolve_device("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(training.TrainingError, match="sees no CUDA device"):
+            training.resolve_device("cuda")
+        with pytest.raises(training.TrainingError, match="sees no CUDA device"):
+            training.train(dataclasses.replace(TINY, device="cuda"), None, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on a lent GPU)")
+def test_model_training_on_cuda_exports_a_cpu_model_matching_onnx(tmp_path: Path) -> None:
+    result = training.train(dataclasses.replace(TINY, device="cuda"), tmp_path, progress=False, name="m")
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert "CUDA" in card["training"]["hardware"]
+    x = np.random.default_rng(5).random((1, 1, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = result.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(["logits"], {"image": x})[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_model_training_losses_behave() -> None:

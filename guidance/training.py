@@ -123,6 +123,9 @@ class TrainConfig:
     # model took a straight stretch of such a wall for a needle; the phantom's only curved bright surface
     # was bone, always deep and always shadowed. 0 keeps the generator's stream as it was.
     curved_wall_fraction: float = 0.0
+    # Give half of the water-bath sequences 1-2 straight line reflectors that do not reach the border. False
+    # keeps the generator's stream as it was.
+    bath_lines: bool = False
     pool_size: int = 32
     refresh_every: int = 2  # replace one pooled sequence every N steps
     val_every: int = 25
@@ -383,6 +386,12 @@ class PhantomSampler:
                 # lesion (there is no tissue to hold one) and no bone.
                 overrides["water_bath_db"] = float(self.rng.uniform(30.0, 50.0))
                 overrides.update(target_kind="none", bone=False, n_distractors=0)
+                if self.cfg.bath_lines:
+                    # Half of the tanks hold a straight reflector or two that float in the field (a wire in
+                    # the image plane, a plate's edge): the needle-like echo of the real N-wire recording.
+                    overrides["n_line_reflectors"] = int(self.rng.integers(1, 3)) * int(
+                        self.rng.uniform() < 0.5
+                    )
             elif look < 0.75:
                 overrides["gain_db"] = float(self.rng.uniform(-26.0, -10.0))  # tissue at a tank's gain
         if (
@@ -783,7 +792,8 @@ def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) ->
                 f"ultrasound sequences forced to carry bone or distractor lines "
                 f"p={cfg.hard_negative_fraction:g}, and a hyper- or iso-echoic lesion "
                 f"p={cfg.rare_target_fraction:g}, point reflectors (wires, calcifications; half of them in a "
-                f"water bath) p={cfg.point_reflector_fraction:g}, curved specular walls without a shadow "
+                f"water bath{', half of those with floating line reflectors' if cfg.bath_lines else ''}) "
+                f"p={cfg.point_reflector_fraction:g}, curved specular walls without a shadow "
                 f"(cavities, bowls) p={cfg.curved_wall_fraction:g}; fluoroscopy sequences forced to low dose with "
                 f"opaque vessels p={cfg.fluoro_hard_negative_fraction:g}"
             ),

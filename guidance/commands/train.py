@@ -59,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="fraction of ultrasound sequences given curved specular walls (cavities, bowls) without a shadow",
     )
+    p.add_argument(
+        "--bath-lines",
+        action="store_true",
+        default=None,
+        help="give half of the water-bath sequences straight line reflectors that do not reach the border",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             "fluoro_hard_negative_fraction": args.fluoro_hard_negative,
             "point_reflector_fraction": args.point_reflectors,
             "curved_wall_fraction": args.curved_walls,
+            "bath_lines": args.bath_lines,
         }.items()
         if v is not None
     }

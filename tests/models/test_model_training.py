@@ -200,5 +200,9 @@ def test_model_sampler_curved_wall_hard_negatives() -> None:
     baths = [c for c in pool if c.water_bath_db > 0.0]
     assert baths
     assert all(c.n_curved_walls == 0 for c in baths)  # no tissue, no walls
+    assert all(c.n_line_reflectors == 0 for c in pool)  # only with bath_lines
+    lined = dataclasses.replace(both, point_reflector_fraction=1.0, bath_lines=True, pool_size=24)
+    tanks = [p.config for p in training.PhantomSampler(lined, ("us",), seed=6).pool if p.config.water_bath_db]
+    assert {c.n_line_reflectors for c in tanks} == {0, 1, 2}
     off = dataclasses.replace(both, curved_wall_fraction=0.0)
     assert all(p.config.n_curved_walls == 0 for p in training.PhantomSampler(off, ("us",), seed=6).pool)

@@ -282,3 +282,21 @@ def test_phantom_curved_walls_are_bright_unshadowed_and_miss_the_lesion(seed: in
     f, g = ph.frame(40), plain.frame(40)
     assert np.array_equal(f.labels, g.labels)
     assert (f.image.astype(np.int16) - g.image > 60).sum() > 40
+
+
+def test_phantom_line_reflectors_float_in_the_bath_unlabelled() -> None:
+    """Straight reflectors in a water bath: bright, long, unlabelled, and never reaching the border."""
+    assert UltrasoundConfig.sample(7).n_line_reflectors == 0  # sample() never draws them
+    kw = {"geometry": "linear", "needle": False, "bone": False, "n_distractors": 0, "target_kind": "none"}
+    for seed in range(12):
+        tank = UltrasoundPhantom(seed=seed, water_bath_db=40.0, **kw).frame(20)
+        lines = UltrasoundPhantom(seed=seed, water_bath_db=40.0, n_line_reflectors=2, **kw).frame(20)
+        assert np.array_equal(tank.labels, lines.labels)
+        assert not (lines.labels == INSTRUMENT).any()
+        bright = (lines.image.astype(np.int16) - tank.image > 60).astype(np.uint8)
+        _, _, stats, _ = cv2.connectedComponentsWithStats(bright)
+        extents = [max(s[cv2.CC_STAT_WIDTH], s[cv2.CC_STAT_HEIGHT]) for s in stats[1:]]
+        assert max(extents) >= 35  # a line, not a dot
+        border = np.ones_like(bright, dtype=bool)
+        border[8:-8, 8:-8] = False
+        assert not bright[border].any()  # it floats: a needle enters from the border, these do not

@@ -822,7 +822,9 @@ def save_run(
     (out_dir / "history.json").write_text(json.dumps(list(result.history), indent=1), encoding="utf-8")
     info = CardInfo(
         name=name,
-        version=time.strftime("%Y.%m.%d", time.gmtime()) + f"-s{cfg.seed}",
+        # Date and UTC time of the run's end, then the seed: two runs of one seed on one day (s12 and s19
+        # both were "2026.11.24-s12") must not share a version, which DICOM SEG writes as AlgorithmVersion.
+        version=time.strftime("%Y.%m.%d-%H%M", time.gmtime()) + f"-s{cfg.seed}",
         training=training_card(cfg, result, sequences_used),
         evaluation=evaluation or {},
         limits=tuple(limits) or DEFAULT_LIMITS,

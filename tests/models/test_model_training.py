@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ def test_model_training_is_deterministic_from_seed_and_exports_matching_onnx(tmp
     card = json.loads((tmp_path / "a" / "m.json").read_text())
     assert card["training"]["steps"] == 3
     assert card["training"]["seed"] == 1
+    assert re.fullmatch(r"\d{4}\.\d\d\.\d\d-\d{4}-s1", card["version"])
     assert card["training"]["hardware"] == "CPU, 1 thread"
     assert card["input"]["height"] == 64
     x = np.random.default_rng(5).random((1, 1, 64, 64), dtype=np.float32)

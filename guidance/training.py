@@ -613,6 +613,7 @@ def train(
         raise TrainingError("give a positive --minutes or --steps")
     seed_everything(cfg.seed, cfg.threads)
     device = resolve_device(cfg.device)
+    hardware = describe_device(device, cfg.threads)
     modalities = available_modalities(cfg.modalities)
     if not modalities:
         raise TrainingError(f"none of the phantoms {', '.join(cfg.modalities)} is available")
@@ -648,7 +649,7 @@ def train(
     logger.info(
         "Training on %s (%s): %s, %.3f GMAC/frame at %dx%d",
         ", ".join(modalities),
-        describe_device(device, cfg.threads),
+        hardware,
         f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.minutes:g} min",
         count_macs(model, (1, cfg.model.in_channels, cfg.image_size, cfg.image_size)) / 1e9,
         cfg.image_size,
@@ -730,7 +731,7 @@ def train(
         best_metrics=best,
         modalities=modalities,
         out_dir=out_dir,
-        hardware=describe_device(device, cfg.threads),
+        hardware=hardware,
     )
     if out_dir is not None:
         save_run(result, cfg, out_dir, name=name, sequences_used=sampler.sequences_used)

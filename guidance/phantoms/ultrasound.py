@@ -491,13 +491,14 @@ class UltrasoundPhantom:
     ) -> npt.NDArray[np.float32]:
         """``echo`` with ``n_curved_walls`` curved specular walls (in the beam frame: rows = depth).
 
-        Each is an ellipse 20-70 % of the width across, tilted up to 25 degrees: 60 % a fluid cavity (the
-        whole wall, 0.01-0.12 echogenicity inside: anechoic fluid, darker than
-        most hypoechoic lesions, whose borders are irregular where a cavity's is smooth, posterior enhancement fading over 15-60 px below it), 40 %
-        an open bowl (the lower 100-220 degrees of the wall, tissue on both sides). The wall's brightness
-        goes as 0.25 + 0.75 cos^2 of the angle between its normal and the beam, peaking 8-150x (9-22 dB)
-        above the tissue, as bright as a needle at the top of that range; there is no shadow. Walls avoid the lesion (its label must stay true); one that cannot be placed in
-        12 tries is left out. Their own generator: the speckle does not change when walls are switched on.
+        Each is an ellipse 20-70 % of the width across, tilted up to 25 degrees. 60 % are fluid cavities:
+        the whole wall, 0.01-0.12 echogenicity inside (anechoic fluid, darker than most hypoechoic lesions,
+        and with a smooth border where a lesion's is irregular), and posterior enhancement fading over
+        15-60 px below. 40 % are open bowls: the lower 100-220 degrees of the wall, tissue on both sides.
+        The wall's brightness goes as 0.25 + 0.75 cos^2 of the angle between its normal and the beam,
+        peaking 8-150x (9-22 dB) above the tissue, as bright as a needle at the top of that range; there is
+        no shadow. Walls avoid the lesion (its label must stay true); one that cannot be placed in 12 tries
+        is left out. Their own generator: the speckle does not change when walls are switched on.
         """
         cfg = self.config
         w, h = self.width, self.height
@@ -547,7 +548,7 @@ class UltrasoundPhantom:
                 echo = echo * (1.0 + rng.uniform(0.3, 1.0) * below * fade)
             peak = math.exp(rng.uniform(math.log(8.0), math.log(150.0)))
             echo = (echo + peak * wall).astype(np.float32)
-        return echo.astype(np.float32)
+        return echo
 
     def _visible(self, p: PointF) -> bool:
         x, y = p

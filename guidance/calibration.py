@@ -121,6 +121,7 @@ def _score(
     acc = _Accumulator()
     for seq, lg in zip(seqs, logits, strict=True):
         reader = reader_factory()
+        acc.start_sequence()
         for fr, one in zip(seq, lg, strict=True):
             labels, prob = decide(one, bias, single_target, target_bias)
             geo = reader(SegmentationOutput(labels, prob), fr.spacing_mm, fr.time_s)

@@ -114,6 +114,9 @@ class ModalityReport:
     infer_ms_median: float = math.nan
     #: 95 % Wilson score interval of ``false_detection_rate``
     false_detection_ci95: tuple[float, float] | None = None
+    #: 95 % bootstrap intervals of the pooled Dice figures, sequences resampled (:func:`bootstrap_dice_ci`)
+    instrument_dice_ci95: tuple[float, float] | None = None
+    target_dice_ci95: tuple[float, float] | None = None
     #: target kind -> pooled target Dice over the sequences of that kind (None where undefined)
     target_dice_by_kind: dict[str, float | None] = field(default_factory=dict)
 
@@ -137,6 +140,14 @@ class _Accumulator:
     infer_ms: list[float] = field(default_factory=list)
     #: target kind -> [intersection, pixel total] of the target class
     by_kind: dict[str, list[int]] = field(default_factory=dict)
+    #: per sequence: [intersection, pixel total] per class (rows appended by :meth:`start_sequence`)
+    seq_inter: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    seq_total: list[npt.NDArray[np.int64]] = field(default_factory=list)
+
+    def start_sequence(self) -> None:
+        """Frames added from now on belong to a new sequence (the unit the Dice intervals resample)."""
+        self.seq_inter.append(np.zeros(3, np.int64))
+        self.seq_total.append(np.zeros(3, np.int64))
 
     def add(
         self,
@@ -154,6 +165,10 @@ class _Accumulator:
             inter, total = int(np.logical_and(p, t).sum()), int(p.sum()) + int(t.sum())
             self.inter[c] += inter
             self.total[c] += total
+            if not self.seq_inter:
+                self.start_sequence()
+            self.seq_inter[-1][c] += inter
+            self.seq_total[-1][c] += total
             if c == TARGET and target_kind not in (None, "none"):  # no true target: Dice undefined
                 pair = self.by_kind.setdefault(target_kind, [0, 0])
                 pair[0] += inter
@@ -194,11 +209,48 @@ class _Accumulator:
             instrument_missed_rate=self.missed / self.inst_frames if self.inst_frames else math.nan,
             false_detection_rate=self.false_det / self.free_frames if self.free_frames else math.nan,
             false_detection_ci95=wilson_interval(self.false_det, self.free_frames),
+            instrument_dice_ci95=self._dice_ci(INSTRUMENT),
+            target_dice_ci95=self._dice_ci(TARGET),
             infer_ms_median=pct(self.infer_ms, 50),
             target_dice_by_kind={
                 k: (2.0 * i / t if t else None) for k, (i, t) in sorted(self.by_kind.items())
             },
         )
+
+    def _dice_ci(self, c: int) -> tuple[float, float] | None:
+        if not self.seq_inter:
+            return None
+        return bootstrap_dice_ci(
+            np.array([r[c] for r in self.seq_inter]), np.array([r[c] for r in self.seq_total])
+        )
+
+
+def bootstrap_dice_ci(
+    inter: npt.NDArray[np.int64],
+    total: npt.NDArray[np.int64],
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a pooled Dice, resampling whole sequences.
+
+    ``inter[k]`` and ``total[k]`` are sequence k's intersection and pixel total (prediction + truth). Frames
+    of one sequence share a lesion, a dose and an insertion, so they are not independent draws; the
+    sequence is the unit resampled. Sequences with no pixels of the class on either side carry no weight
+    and are left out. Deterministic (fixed seed). None with fewer than two sequences left, where an
+    interval would say nothing.
+    """
+    keep = total > 0
+    inter, total = inter[keep].astype(np.float64), total[keep].astype(np.float64)
+    n = len(total)
+    if n < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    dice = 2.0 * inter[idx].sum(axis=1) / total[idx].sum(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(dice, [alpha, 1.0 - alpha])
+    return (float(lo), float(hi))
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
@@ -286,6 +338,7 @@ def evaluate_engine(
         try:
             for seq, kind in zip(seqs, kinds, strict=True):
                 reader = reader_factory()
+                acc.start_sequence()
                 for fr in seq:
                     t0 = time.perf_counter()
                     out = engine.infer(fr.image)
@@ -362,8 +415,17 @@ def registry_engine_factory(name: str, **options: Any) -> EngineFactory:
     return make
 
 
+#: figure -> the report key of its 95 % interval
+CI_KEYS = {
+    "instrument_dice": "instrument_dice_ci95",
+    "target_dice": "target_dice_ci95",
+    "false_detection_rate": "false_detection_ci95",
+}
+
+
 def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each target per modality: value, threshold, met, and whether the model beats the baseline."""
+    """Each target per modality: value (with its 95 % interval where there is one), threshold, met, and
+    whether the model beats the baseline."""
     rows: list[dict[str, Any]] = []
     model = report.get("model", {})
     base = report.get("baseline", {})
@@ -380,6 +442,7 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "modality": modality,
                     "figure": key,
                     "value": v,
+                    "ci95": figs.get(CI_KEYS[key]) if key in CI_KEYS else None,
                     "target": f"{op} {thr:g}",
                     "met": met,
                     "baseline": b,
@@ -425,6 +488,7 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             "modality": "plus",
             "figure": "false_detection_rate",
             "value": v,
+            "ci95": plus.get("false_detection_ci95"),
             "target": f"{op} {thr:g}",
             "met": v is not None and v <= thr,
             "baseline": b,
@@ -483,16 +547,21 @@ def evaluate(
 
 def summary_lines(report: Mapping[str, Any]) -> Iterable[str]:
     """Human-readable table of the report (for the command's stderr)."""
-    yield f"{'modality':8} {'figure':24} {'model':>9} {'baseline':>9} {'target':>8} met better"
+    yield (
+        f"{'modality':8} {'figure':24} {'model':>9} {'95% interval':>13} {'baseline':>9} {'target':>8} "
+        "met better"
+    )
     for row in report.get("targets", []):
 
         def f(v: Any) -> str:
             return "-" if v is None else f"{v:.3f}"
 
+        ci = row.get("ci95")
+        interval = "" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
         yield (
-            f"{row['modality']:8} {row['figure']:24} {f(row['value']):>9} {f(row['baseline']):>9} "
-            f"{row['target']:>8} {'-  ' if row['met'] is None else 'yes' if row['met'] else 'NO ':3} "
-            f"{row['better_than_baseline']}"
+            f"{row['modality']:8} {row['figure']:24} {f(row['value']):>9} {interval:>13} "
+            f"{f(row['baseline']):>9} {row['target']:>8} "
+            f"{'-  ' if row['met'] is None else 'yes' if row['met'] else 'NO ':3} {row['better_than_baseline']}"
         )
 
 

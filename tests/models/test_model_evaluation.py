@@ -56,6 +56,8 @@ def test_model_evaluation_oracle_scores_perfect() -> None:
     rows = evaluation.check_targets({"model": {"us": r.to_dict()}})
     assert {f"target_dice[{k}]" for k in kinds["us"]} <= {row["figure"] for row in rows}
     assert r.frames == 24
+    # Two sequences, both with a lesion in view: an interval over sequences, and a perfect one.
+    assert r.target_dice_ci95 == (pytest.approx(1.0), pytest.approx(1.0))
     assert r.instrument_dice == pytest.approx(1.0) or math.isnan(r.instrument_dice)
     assert r.false_detection_rate == 0.0 or math.isnan(r.false_detection_rate)
     if r.instrument_frames:
@@ -128,3 +130,50 @@ def test_model_evaluation_wilson_interval() -> None:
     assert 0.02 < lo < 0.03
     assert 0.10 < hi < 0.12
     assert evaluation.wilson_interval(0, 0) is None
+
+
+def test_model_evaluation_dice_interval_resamples_sequences() -> None:
+    inter = np.array([90, 40, 80, 0, 70], np.int64)
+    total = np.array([200, 100, 180, 0, 150], np.int64)  # the fourth has no pixel of the class
+    pooled = 2 * inter.sum() / total.sum()
+    lo, hi = evaluation.bootstrap_dice_ci(inter, total) or (math.nan, math.nan)
+    assert lo < pooled < hi
+    per_seq = 2 * inter[:3] / total[:3]  # no resample can leave the range of the sequences' own Dice
+    assert per_seq.min() - 1e-12 <= lo
+    assert hi <= max(per_seq.max(), 2 * 70 / 150) + 1e-12
+    assert evaluation.bootstrap_dice_ci(inter, total) == (lo, hi)  # deterministic
+    # Identical sequences leave nothing to vary; a wider spread gives a wider interval.
+    same = evaluation.bootstrap_dice_ci(np.full(6, 45, np.int64), np.full(6, 100, np.int64))
+    assert same == (pytest.approx(0.9), pytest.approx(0.9))
+    spread = np.array([10, 90, 20, 80, 50, 45], np.int64)
+    wide = evaluation.bootstrap_dice_ci(spread, np.full(6, 100, np.int64)) or (math.nan, math.nan)
+    assert wide[1] - wide[0] > 0.2
+    # One sequence (or none with pixels): no interval.
+    assert evaluation.bootstrap_dice_ci(np.array([5, 0]), np.array([10, 0])) is None
+
+
+def test_model_evaluation_report_carries_dice_intervals() -> None:
+    import dataclasses
+
+    from guidance.phantoms import make_phantom
+
+    blank = make_phantom("us", seed=1, width=32, height=32).frame(0)
+    acc = evaluation._Accumulator()
+    rng = np.random.default_rng(3)
+    for k in range(4):
+        acc.start_sequence()
+        for _ in range(3):
+            truth = np.zeros((32, 32), np.uint8)
+            truth[8 : 20 + k, 8 : 20 + k] = 2
+            pred = truth.copy()
+            pred[rng.integers(0, 32, 40), rng.integers(0, 32, 40)] = 0  # holes, more or fewer per frame
+            frame = dataclasses.replace(blank, labels=truth, instrument_present=False, tip_px=None)
+            acc.add(frame, pred, evaluation.Geometry(False), 1.0)
+    r = acc.report()
+    assert r.target_dice_ci95 is not None
+    assert r.target_dice_ci95[0] <= r.target_dice <= r.target_dice_ci95[1]
+    assert r.instrument_dice_ci95 is None  # no instrument pixel anywhere
+    rows = evaluation.check_targets({"model": {"us": r.to_dict()}})
+    row = next(x for x in rows if x["figure"] == "target_dice")
+    assert row["ci95"] == r.target_dice_ci95
+    assert any("-" in line and "target_dice " in line for line in evaluation.summary_lines({"targets": rows}))

@@ -30,7 +30,10 @@ the weights) depends on the machine's speed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import logging
@@ -176,6 +179,46 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     if threads:
         torch.set_num_threads(threads)
+
+
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+_MIB = 1 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    A training step allocates and frees the same activations every time, many of them 5-40 MB. Left to
+    its defaults, glibc serves blocks that large with fresh ``mmap`` calls and trims its heap as soon as
+    they are freed, so every step pays to fault the pages in again (zeroed by the kernel): on this 2-core VM a
+    third of the training process's time was system time, and ``aten::fill_`` of one 38 MB gradient took
+    99 ms. With blocks up to 32 MB (glibc's ceiling for this threshold) served from the heap, and the heap
+    kept, 50 training steps went from 58 s to 45 s (system time from 24 s to 2.5 s); the arithmetic,
+    hence the weights, is unchanged. Measured by ``guidance train --steps 50`` with and without it.
+
+    Returns whether the settings took (glibc only; elsewhere nothing is changed). The process keeps its
+    peak heap until it exits, which for a training run is what it needs anyway.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their mallopt differs or is absent
+            return False
+        mallopt = libc.mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt.restype = ctypes.c_int
+        # mallopt returns 1 on success. The mmap threshold must be set before the trim threshold: setting
+        # either switches glibc's dynamic adjustment of both off.
+        return bool(
+            mallopt(_M_MMAP_THRESHOLD, 32 * _MIB)
+            and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+            and mallopt(_M_TOP_PAD, 512 * _MIB)
+        )
+    return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -612,6 +655,10 @@ def train(
     if cfg.steps is None and cfg.minutes <= 0:
         raise TrainingError("give a positive --minutes or --steps")
     seed_everything(cfg.seed, cfg.threads)
+    if not keep_freed_memory():
+        logger.info(
+            "Could not tune the C allocator (not glibc); training runs at the default allocator's pace"
+        )
     device = resolve_device(cfg.device)
     hardware = describe_device(device, cfg.threads)
     modalities = available_modalities(cfg.modalities)

@@ -28,6 +28,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from guidance.dicom.study import PatientStudy
 from guidance.dicom.transcode import (
@@ -193,6 +194,23 @@ def _close_transport(assoc: Association) -> None:
             raw.close()
 
 
+def _association_answer(assoc: Association) -> A_ASSOCIATE | None:
+    """The peer's A-ASSOCIATE answer (accept or reject), or None if it sent none.
+
+    pynetdicom 3.0 has a race: its DUL thread can receive an A-ASSOCIATE-RJ and close the socket
+    before the requesting thread checks that the socket is connected; the requesting thread then
+    aborts and the rejection is left unread on the DUL's queue. Seen in CI (a loaded 2-core machine)
+    and here in 55 of 300 echoes under CPU load: the user was told "aborted" where the PACS had said
+    exactly what was wrong. So look on that queue too.
+    """
+    rsp = assoc.acceptor.primitive
+    if rsp is None:
+        queued = assoc.dul.peek_next_pdu()
+        if isinstance(queued, A_ASSOCIATE):
+            rsp = queued
+    return rsp
+
+
 def _associate(node: DicomNode, ae: AE) -> Association:
     """Associate with ``node`` or raise DicomNetworkError with the reason in plain words."""
     _check_reachable(node)
@@ -201,8 +219,8 @@ def _associate(node: DicomNode, ae: AE) -> Association:
     if assoc.is_established:
         return assoc
     _close_transport(assoc)
-    rsp = assoc.acceptor.primitive
-    if assoc.is_rejected and rsp is not None:
+    rsp = _association_answer(assoc)
+    if rsp is not None and rsp.result in (1, 2):
         result, source, diag = int(rsp.result or 0), int(rsp.result_source or 0), int(rsp.diagnostic or 0)
         why = _REJECT_REASONS.get((source, diag), f"reason code {source}/{diag}").format(
             calling=node.calling_aet, called=node.called_aet

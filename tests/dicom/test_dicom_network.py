@@ -146,6 +146,28 @@ def test_dicom_wrong_called_aet_keeps_objects_and_says_why(
     assert orthanc.instance_uids(study.study_instance_uid) == [res.objects[0].sop_instance_uid]
 
 
+def test_dicom_rejection_read_even_when_the_socket_closes_first(
+    orthanc: Any, our_aet: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's requesting thread can find the socket already closed by the DUL thread that read
+    the A-ASSOCIATE-RJ (it then aborts and leaves the rejection unread). Hold the requesting thread
+    back after it sends the request so that ordering happens every time, against the real Orthanc."""
+    import time
+
+    from pynetdicom.acse import ACSE
+
+    send_request = ACSE.send_request
+
+    def send_then_stall(self: ACSE) -> None:
+        send_request(self)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(ACSE, "send_request", send_then_stall)
+    res = echo(_node(orthanc, our_aet, "WRONG_AET"))
+    assert not res.ok
+    assert "does not answer to AE title 'WRONG_AET'" in res.message
+
+
 def test_dicom_pacs_down_at_start_then_back(  # noqa: PLR0917 - fixtures
     private_orthanc: Any, our_aet: str, pacs_aet: str, tmp_path: Path, study: PatientStudy, cine: Cine
 ) -> None:

@@ -203,12 +203,10 @@ def _association_answer(assoc: Association) -> A_ASSOCIATE | None:
     and here in 55 of 300 echoes under CPU load: the user was told "aborted" where the PACS had said
     exactly what was wrong. So look on that queue too.
     """
-    rsp = assoc.acceptor.primitive
-    if rsp is None:
-        queued = assoc.dul.peek_next_pdu()
-        if isinstance(queued, A_ASSOCIATE):
-            rsp = queued
-    return rsp
+    answer: object = assoc.acceptor.primitive  # typed as always set, but None until an answer is read
+    if answer is None:
+        answer = assoc.dul.peek_next_pdu()
+    return answer if isinstance(answer, A_ASSOCIATE) else None
 
 
 def _associate(node: DicomNode, ae: AE) -> Association:

@@ -128,8 +128,6 @@ class ModalityReport:
 
 @dataclass(slots=True)
 class _Accumulator:
-    inter: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, np.int64))
-    total: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, np.int64))
     tip_err_mm: list[float] = field(default_factory=list)
     angle_err: list[float] = field(default_factory=list)
     inst_frames: int = 0
@@ -140,7 +138,8 @@ class _Accumulator:
     infer_ms: list[float] = field(default_factory=list)
     #: target kind -> [intersection, pixel total] of the target class
     by_kind: dict[str, list[int]] = field(default_factory=dict)
-    #: per sequence: [intersection, pixel total] per class (rows appended by :meth:`start_sequence`)
+    #: per sequence, per class: intersection and pixel total (rows appended by :meth:`start_sequence`);
+    #: the pooled figures are their sums
     seq_inter: list[npt.NDArray[np.int64]] = field(default_factory=list)
     seq_total: list[npt.NDArray[np.int64]] = field(default_factory=list)
 
@@ -159,14 +158,12 @@ class _Accumulator:
     ) -> None:
         self.frames += 1
         self.infer_ms.append(infer_ms)
+        if not self.seq_inter:  # a caller that never said where sequences start: one sequence
+            self.start_sequence()
         true = frame.labels
         for c in (INSTRUMENT, TARGET):
             p, t = labels == c, true == c
             inter, total = int(np.logical_and(p, t).sum()), int(p.sum()) + int(t.sum())
-            self.inter[c] += inter
-            self.total[c] += total
-            if not self.seq_inter:
-                self.start_sequence()
             self.seq_inter[-1][c] += inter
             self.seq_total[-1][c] += total
             if c == TARGET and target_kind not in (None, "none"):  # no true target: Dice undefined
@@ -193,8 +190,11 @@ class _Accumulator:
         def pct(v: list[float], q: float) -> float:
             return float(np.percentile(v, q)) if v else math.nan
 
+        inter = np.sum(self.seq_inter, axis=0) if self.seq_inter else np.zeros(3, np.int64)
+        total = np.sum(self.seq_total, axis=0) if self.seq_total else np.zeros(3, np.int64)
+
         def dice(c: int) -> float:
-            return 2.0 * float(self.inter[c]) / float(self.total[c]) if self.total[c] else math.nan
+            return 2.0 * float(inter[c]) / float(total[c]) if total[c] else math.nan
 
         return ModalityReport(
             frames=self.frames,

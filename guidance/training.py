@@ -196,7 +196,7 @@ def keep_freed_memory() -> bool:
     they are freed, so every step pays to fault the pages in again (zeroed by the kernel): on this 2-core VM a
     third of the training process's time was system time, and ``aten::fill_`` of one 38 MB gradient took
     99 ms. With blocks up to 32 MB (glibc's ceiling for this threshold) served from the heap, and the heap
-    kept, 50 training steps went from 58 s to 45 s (system time from 24 s to 2.5 s); the arithmetic,
+    kept, 50 training steps went from 58 s to 44 s (system time from 24 s to 2.5 s); the arithmetic,
     hence the weights, is unchanged. Measured by ``guidance train --steps 50`` with and without it.
 
     Returns whether the settings took (glibc only; elsewhere nothing is changed). The process keeps its

@@ -6,6 +6,10 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is optional (the train extra): imported when the command runs
+    from guidance.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--crop-on-target", type=float, default=None, help="fraction of crops centred on the target"
+    )
+    p.add_argument(
+        "--hard-negative",
+        type=float,
+        default=None,
+        help="fraction of ultrasound sequences forced to carry bone or needle-like distractor lines",
     )
     p.add_argument(
         "--fluoro-hard-negative",
@@ -77,34 +87,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(f"training needs the 'train' extra (pip install -e '.[train]'): {exc}") from None
 
-    modalities = ("us", "fluoro") if args.modality == "both" else (args.modality,)
-    overrides = {
-        k: v
-        for k, v in {
-            "batch_size": args.batch_size,
-            "crop": args.crop,
-            "lr": args.lr,
-            "threads": args.threads,
-            "device": args.device,
-            "init_weights": args.init,
-            "target_ce_weight": args.target_weight,
-            "target_dice_weight": args.target_weight,
-            "crop_on_target": args.crop_on_target,
-            "fluoro_hard_negative_fraction": args.fluoro_hard_negative,
-            "point_reflector_fraction": args.point_reflectors,
-            "curved_wall_fraction": args.curved_walls,
-            "bath_lines": args.bath_lines,
-        }.items()
-        if v is not None
-    }
-    cfg = dataclasses.replace(
-        training.TrainConfig(),
-        modalities=modalities,
-        minutes=args.minutes,
-        steps=args.steps,
-        seed=args.seed,
-        **overrides,
-    )
+    cfg = train_config(args, training.TrainConfig())
     try:
         result = training.train(cfg, args.out, progress=not args.no_progress, name=args.name)
     except training.TrainingError as exc:
@@ -119,3 +102,31 @@ def run(args: argparse.Namespace) -> int:
         f"target Dice {best.get('val_target_dice', float('nan')):.3f}; model in {args.out}\n"
     )
     return 0
+
+
+def train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    """The run's ``TrainConfig``: ``base`` with the options given on the command line (unset ones kept)."""
+    modalities = ("us", "fluoro") if args.modality == "both" else (args.modality,)
+    overrides = {
+        k: v
+        for k, v in {
+            "batch_size": args.batch_size,
+            "crop": args.crop,
+            "lr": args.lr,
+            "threads": args.threads,
+            "device": args.device,
+            "init_weights": args.init,
+            "target_ce_weight": args.target_weight,
+            "target_dice_weight": args.target_weight,
+            "crop_on_target": args.crop_on_target,
+            "hard_negative_fraction": args.hard_negative,
+            "fluoro_hard_negative_fraction": args.fluoro_hard_negative,
+            "point_reflector_fraction": args.point_reflectors,
+            "curved_wall_fraction": args.curved_walls,
+            "bath_lines": args.bath_lines,
+        }.items()
+        if v is not None
+    }
+    return dataclasses.replace(
+        base, modalities=modalities, minutes=args.minutes, steps=args.steps, seed=args.seed, **overrides
+    )

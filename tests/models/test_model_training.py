@@ -217,3 +217,23 @@ def test_model_sampler_curved_wall_hard_negatives() -> None:
     assert {c.n_line_reflectors for c in tanks} == {0, 1, 2}
     off = dataclasses.replace(both, curved_wall_fraction=0.0)
     assert all(p.config.n_curved_walls == 0 for p in training.PhantomSampler(off, ("us",), seed=6).pool)
+
+
+def test_model_train_command_options_reach_the_config() -> None:
+    from guidance.cli import build_parser
+    from guidance.commands.train import train_config
+
+    base = training.TrainConfig()
+    args = build_parser().parse_args(["train", "--modality", "us", "--steps", "5", "--seed", "9"])
+    plain = train_config(args, base)
+    # options left unset keep the defaults
+    assert plain == dataclasses.replace(base, modalities=("us",), steps=5, seed=9)
+
+    options = "--lr 3e-4 --init w.pt --target-weight 2.5 --hard-negative 0.6 --fluoro-hard-negative 0.3"
+    options += " --point-reflectors 0.25 --curved-walls 0.2 --bath-lines"
+    cfg = train_config(build_parser().parse_args(["train", *options.split()]), base)
+    assert cfg.modalities == ("us", "fluoro")
+    assert (cfg.lr, cfg.init_weights) == (3e-4, "w.pt")
+    assert cfg.target_ce_weight == cfg.target_dice_weight == 2.5
+    assert (cfg.hard_negative_fraction, cfg.fluoro_hard_negative_fraction) == (0.6, 0.3)
+    assert (cfg.point_reflector_fraction, cfg.curved_wall_fraction, cfg.bath_lines) == (0.25, 0.2, True)

@@ -61,7 +61,9 @@ class CalibrationError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class CalibrationConfig:
     modalities: tuple[str, ...] = ("us", "fluoro")
-    biases: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    # Up to 8: the fine-tuned runs s25 and s26 still had ultrasound false detections above the limit at 6,
+    # the top of the first range, so the rule could not say whether a higher bias would have reached it.
+    biases: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
     target_biases: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
     # 48 per modality (about 9.5 min on the 2-core CPU). With 16, one sequence moved a false-detection rate
     # by several points and the choice did not transfer: run s19 showed 0 % on 16 validation sequences at

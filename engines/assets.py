@@ -76,6 +76,10 @@ class ModelCard:
     #: ``instrument_logit_bias`` / ``target_logit_bias``, the calibrated operating point). Graphs that
     #: output labels have it built in; a backend that decides from logits itself must apply it.
     decision_bias: tuple[float, ...] = ()
+    #: Frames whose ``instrument_present`` output (models with a presence head) is below this have no
+    #: instrument pixels (card ``output.presence_threshold``; 0: no gate). Graphs that output labels have
+    #: it built in; a backend that decides from logits itself must apply it.
+    presence_threshold: float = 0.0
 
     @property
     def torch_weights_path(self) -> Path:
@@ -141,6 +145,11 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
                 bias[idx] = float(out[key])
                 if not math.isfinite(bias[idx]):
                     raise ModelAssetError(f"model card {card_path}: output {key} is not a finite number")
+        presence_threshold = float(out.get("presence_threshold") or 0.0)
+        if not 0.0 <= presence_threshold <= 1.0:
+            raise ModelAssetError(
+                f"model card {card_path}: output presence_threshold {presence_threshold} is not in [0, 1]"
+            )
         return ModelCard(
             name=str(_req(data, "name", card_path)),
             version=str(data.get("version", "")),
@@ -157,6 +166,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             raw=MappingProxyType(dict(data)),
             single_region_classes=tuple(classes.index(c) for c in single),
             decision_bias=tuple(bias) if any(bias) else (),
+            presence_threshold=presence_threshold,
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc

@@ -15,6 +15,19 @@ CLASS_NAMES: tuple[str, ...] = ("background", "instrument", "target")
 BACKGROUND, INSTRUMENT, TARGET = 0, 1, 2
 
 
+#: Name of the per-frame instrument-presence output of a model with a presence head, and of its score in
+#: :attr:`SegmentationOutput.scores`.
+PRESENCE = "instrument_present"
+_NO_SCORES: Mapping[str, float] = MappingProxyType({})
+
+
+def presence_scores(present: npt.NDArray[np.float32] | None) -> Mapping[str, float]:
+    """``scores`` of one frame: ``{"instrument_present": p}`` from a model's ``(1,)`` output, else empty."""
+    if present is None:
+        return _NO_SCORES
+    return MappingProxyType({PRESENCE: float(present.reshape(-1)[0])})
+
+
 class EngineError(RuntimeError):
     """An engine failed to load or run; the message is one readable line."""
 

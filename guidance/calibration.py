@@ -15,6 +15,12 @@ training loop monitors, and disjoint from the held-out evaluation seeds):
   grows the target) with the best mean pooled target Dice over the modalities, the smallest in magnitude
   on a tie. Argmax at bias 0 is the decision the loss trained for, but the soft Dice term and the class
   balance of the crops leave the boundary where they leave it; this puts it where validation Dice peaks.
+* **Presence gate** (models with a presence head only). A threshold on the per-frame
+  ``instrument_present`` score below which a frame's instrument pixels are cleared. The candidate is the
+  largest of ``presence_thresholds`` that drops at most ``max_presence_miss`` of the validation frames
+  with a visible instrument in any modality (:func:`choose_presence_threshold`); the bias sweep is then
+  run both without the gate and with it, and the rule above chooses among all those rows, so the gate is
+  shipped only where it buys instrument Dice within the false-detection limits.
 * **Single-region target.** Whether reducing the target class to its main connected region
   (:func:`engines.preprocess.keep_main_region`) raises the pooled target Dice at that bias, as nnU-Net
   decides its connected-component post-processing. When it does, the card's ``postprocess`` block turns
@@ -74,6 +80,9 @@ class CalibrationConfig:
     stride: int = 8
     size: int = 256
     max_false_detection: float = 0.02
+    presence_thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+    max_presence_miss: float = 0.01
+    presence_min_px: int = 20
 
 
 def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
@@ -82,27 +91,55 @@ def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
 
 def _logits(model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int) -> npt.NDArray[np.float32]:
     """Network logits ``(n, classes, size, size)`` for phantom frames already at the network size."""
+    return _outputs(model, frames, size)[0]
+
+
+def _outputs(
+    model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """Logits ``(n, classes, size, size)`` and, for a model with a presence head, ``instrument_present``
+    ``(n,)`` (else None)."""
     batch = []
     for f in frames:
         if f.image.shape[:2] != (size, size):
             raise CalibrationError(f"phantom frames must be {size}x{size}, got {f.image.shape[:2]}")
         batch.append(normalize(f.image))
-    out = []
+    with_presence = isinstance(model, UNet) and model.presence is not None
+    out, present = [], []
     with torch.inference_mode():
         for i in range(0, len(batch), 16):
             x = torch.from_numpy(np.stack(batch[i : i + 16])[:, None].astype(np.float32))
-            out.append(model(x).numpy())
-    return np.concatenate(out).astype(np.float32)
+            if with_presence:
+                assert isinstance(model, UNet)
+                logits, presence = model.forward_with_presence(x)
+                assert presence is not None
+                present.append(torch.sigmoid(presence).numpy())
+            else:
+                logits = model(x)
+            out.append(logits.numpy())
+    return (
+        np.concatenate(out).astype(np.float32),
+        np.concatenate(present).astype(np.float32) if with_presence else None,
+    )
 
 
 def decide(
-    logits: npt.NDArray[np.float32], bias: float, single_target: bool, target_bias: float = 0.0
+    logits: npt.NDArray[np.float32],
+    bias: float,
+    single_target: bool,
+    target_bias: float = 0.0,
+    *,
+    present: float | None = None,
+    presence_threshold: float = 0.0,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """Labels and instrument probability for one frame's ``(classes, H, W)`` logits, as the graph does."""
+    """Labels and instrument probability for one frame's ``(classes, H, W)`` logits, as the graph does
+    (``present``: the frame's presence score, gating the instrument at ``presence_threshold``)."""
     d = logits.copy()
     d[INSTRUMENT] -= np.float32(bias)
     d[TARGET] -= np.float32(target_bias)
     labels = d.argmax(axis=0).astype(np.uint8)
+    if present is not None and presence_threshold > 0.0 and present < presence_threshold:
+        labels[labels == INSTRUMENT] = 0
     if single_target:
         keep_main_region(labels, TARGET)
     z = logits - logits.max(axis=0, keepdims=True)
@@ -119,13 +156,23 @@ def _score(
     reader_factory: Callable[[], GeometryReader],
     *,
     target_bias: float = 0.0,
+    present: Sequence[npt.NDArray[np.float32] | None] | None = None,
+    presence_threshold: float = 0.0,
 ) -> ModalityReport:
     acc = _Accumulator()
-    for seq, lg in zip(seqs, logits, strict=True):
+    scores = present if present is not None else [None] * len(seqs)
+    for seq, lg, pr in zip(seqs, logits, scores, strict=True):
         reader = reader_factory()
         acc.start_sequence()
-        for fr, one in zip(seq, lg, strict=True):
-            labels, prob = decide(one, bias, single_target, target_bias)
+        for j, (fr, one) in enumerate(zip(seq, lg, strict=True)):
+            labels, prob = decide(
+                one,
+                bias,
+                single_target,
+                target_bias,
+                present=None if pr is None else float(pr[j]),
+                presence_threshold=presence_threshold,
+            )
             geo = reader(SegmentationOutput(labels, prob), fr.spacing_mm, fr.time_s)
             acc.add(fr, labels, geo, 0.0)
     return acc.report()
@@ -181,41 +228,117 @@ def choose_bias(
     return max(candidates, key=mean_dice), rule
 
 
+def choose_presence_threshold(
+    present: Mapping[str, Sequence[npt.NDArray[np.float32]]],
+    visible: Mapping[str, Sequence[npt.NDArray[np.bool_]]],
+    thresholds: Sequence[float],
+    max_miss: float,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The largest threshold dropping at most ``max_miss`` of the frames with a visible instrument in
+    every modality (0.0 when none does), and the per-threshold table behind it.
+
+    ``present[m][k]`` are sequence k's presence scores, ``visible[m][k]`` whether each of its frames shows
+    an instrument. The table also gives the share of instrument-free frames each threshold gates.
+    """
+    table: list[dict[str, Any]] = []
+    chosen = 0.0
+    for t in sorted(thresholds):
+        row: dict[str, Any] = {"presence_threshold": t}
+        ok = True
+        for m, seqs in present.items():
+            p = np.concatenate(list(seqs)) if seqs else np.zeros(0, np.float32)
+            v = np.concatenate(list(visible[m])) if seqs else np.zeros(0, bool)
+            miss = float(np.mean(p[v] < t)) if v.any() else 0.0
+            gated_free = float(np.mean(p[~v] < t)) if (~v).any() else 0.0
+            row[m] = {"instrument_frames_gated": miss, "instrument_free_frames_gated": gated_free}
+            ok = ok and miss <= max_miss
+        table.append(row)
+        if ok:
+            chosen = t
+    return chosen, table
+
+
 def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig()) -> dict[str, Any]:
     """Sweep the bias and the single-region rule on validation sequences; return the JSON-ready report."""
     model.eval()
     reader_factory, reader_desc = geometry_reader_factory()
     data: dict[str, list[list[PhantomFrame]]] = {}
     logits: dict[str, list[npt.NDArray[np.float32]]] = {}
+    present: dict[str, list[npt.NDArray[np.float32]]] = {}
     for mi, m in enumerate(cfg.modalities):
         seqs = []
         for seed in validation_seeds(cfg, mi):
             ph = make_phantom(m, seed=seed, width=cfg.size, height=cfg.size)
             seqs.append([ph.frame(j * cfg.stride) for j in range(cfg.frames)])
         data[m] = seqs
-        logits[m] = [_logits(model, s, cfg.size) for s in seqs]
+        outs = [_outputs(model, s, cfg.size) for s in seqs]
+        logits[m] = [lg for lg, _ in outs]
+        if all(pr is not None for _, pr in outs):
+            present[m] = [pr for _, pr in outs if pr is not None]
         logger.info("calibration: %s logits for %d sequences", m, len(seqs))
+    gate = bool(present) and len(present) == len(cfg.modalities)
+    presence_report: dict[str, Any] = {"enabled": False}
+    thresholds = [0.0]
+    if gate:
+        visible = {
+            m: [
+                np.array([int((f.labels == INSTRUMENT).sum()) >= cfg.presence_min_px for f in s])
+                for s in data[m]
+            ]
+            for m in cfg.modalities
+        }
+        candidate, table = choose_presence_threshold(
+            present, visible, cfg.presence_thresholds, cfg.max_presence_miss
+        )
+        presence_report = {"candidate": candidate, "table": table}
+        if candidate > 0.0:
+            thresholds.append(candidate)
+        logger.info("calibration: presence gate candidate %g", candidate)
     sweep: list[dict[str, Any]] = []
-    for b in cfg.biases:
-        row: dict[str, Any] = {"bias": b}
-        for m in cfg.modalities:
-            r = _score(data[m], logits[m], b, False, reader_factory)
-            row[m] = {
-                "instrument_dice": _finite(r.instrument_dice),
-                "false_detection_rate": _finite(r.false_detection_rate),
-                "tip_error_mm_p95": _finite(r.tip_error_mm_p95),
-                "instrument_missed_rate": _finite(r.instrument_missed_rate),
-                "target_dice": _finite(r.target_dice),
-            }
-        sweep.append(row)
-        logger.info("calibration: bias %g -> %s", b, {m: row[m] for m in cfg.modalities})
+    for t in thresholds:
+        for b in cfg.biases:
+            row: dict[str, Any] = {"bias": b, "presence_threshold": t}
+            for m in cfg.modalities:
+                r = _score(
+                    data[m],
+                    logits[m],
+                    b,
+                    False,
+                    reader_factory,
+                    present=present.get(m),
+                    presence_threshold=t,
+                )
+                row[m] = {
+                    "instrument_dice": _finite(r.instrument_dice),
+                    "false_detection_rate": _finite(r.false_detection_rate),
+                    "tip_error_mm_p95": _finite(r.tip_error_mm_p95),
+                    "instrument_missed_rate": _finite(r.instrument_missed_rate),
+                    "target_dice": _finite(r.target_dice),
+                }
+            sweep.append(row)
+            logger.info("calibration: bias %g gate %g -> %s", b, t, {m: row[m] for m in cfg.modalities})
 
     chosen, rule = choose_bias(sweep, cfg.modalities, cfg.max_false_detection)
     bias = float(chosen["bias"])
+    threshold = float(chosen["presence_threshold"])
+    if gate:
+        presence_report["enabled"] = threshold > 0.0
+        presence_report["presence_threshold"] = threshold
     target_sweep: list[dict[str, Any]] = []
     for tb in cfg.target_biases:
         dice = {
-            m: _finite(_score(data[m], logits[m], bias, False, reader_factory, target_bias=tb).target_dice)
+            m: _finite(
+                _score(
+                    data[m],
+                    logits[m],
+                    bias,
+                    False,
+                    reader_factory,
+                    target_bias=tb,
+                    present=present.get(m),
+                    presence_threshold=threshold,
+                ).target_dice
+            )
             for m in cfg.modalities
         }
         target_sweep.append({"target_bias": tb, **{m: {"target_dice": d} for m, d in dice.items()}})
@@ -231,7 +354,16 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
     single: dict[str, Any] = {}
     for m in cfg.modalities:
         off = best[m]["target_dice"]
-        on = _score(data[m], logits[m], bias, True, reader_factory, target_bias=target_bias).target_dice
+        on = _score(
+            data[m],
+            logits[m],
+            bias,
+            True,
+            reader_factory,
+            target_bias=target_bias,
+            present=present.get(m),
+            presence_threshold=threshold,
+        ).target_dice
         single[m] = {"target_dice_without": off, "target_dice_with": _finite(on)}
     gains = [(v["target_dice_with"] or 0.0) - (v["target_dice_without"] or 0.0) for v in single.values()]
     use_single = bool(gains) and float(np.mean(gains)) > 0.0
@@ -245,6 +377,7 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
         "bias_rule": rule,
         "target_sweep": target_sweep,
         "target_logit_bias": target_bias,
+        "presence_gate": presence_report,
         "single_region_target": {"enabled": use_single, **single},
     }
 
@@ -298,8 +431,17 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
     )
     bias = float(report["instrument_logit_bias"])
     target_bias = float(report.get("target_logit_bias", 0.0))
+    gate = report.get("presence_gate") or {}
+    presence_threshold = float(gate.get("presence_threshold", 0.0)) if gate.get("enabled") else 0.0
     onnx_path, new_card = export_model_asset(
-        model, out_dir, info, height=h, width=w, instrument_logit_bias=bias, target_logit_bias=target_bias
+        model,
+        out_dir,
+        info,
+        height=h,
+        width=w,
+        instrument_logit_bias=bias,
+        target_logit_bias=target_bias,
+        presence_threshold=presence_threshold,
     )
     if weights.resolve() != (out_dir / f"{name}.pt").resolve():
         shutil.copyfile(weights, out_dir / f"{name}.pt")

@@ -11,7 +11,7 @@ Tuning (measured on the 2-core development VM, random-init default U-Net at 256x
   made p99 worse). ``spinning=True`` turns it on for benchmarks that run back-to-back inference.
 * Denormals are flushed to zero (``session.set_denormal_as_zero``): the largest single gain measured,
   see :meth:`OnnxRuntimeEngine.load`.
-* IO binding: the input tensor and the two outputs are preallocated numpy buffers wrapped once in
+* IO binding: the input tensor and the two outputs (three with a presence head) are preallocated numpy buffers wrapped once in
   ``OrtValue``\\ s (no copy) and bound once; :class:`engines.preprocess.Preprocessor` writes the input
   straight into the bound buffer.
 * Argmax and the instrument softmax run inside the graph: if the model only outputs logits, ArgMax(+Cast)
@@ -31,7 +31,14 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.assets import ModelCard, load_model_card, resolve_model
-from engines.base import EngineError, EngineInfo, EngineUnavailable, SegmentationOutput
+from engines.base import (
+    PRESENCE,
+    EngineError,
+    EngineInfo,
+    EngineUnavailable,
+    SegmentationOutput,
+    presence_scores,
+)
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
 
@@ -180,6 +187,8 @@ class OnnxRuntimeEngine:
         self._pre: Preprocessor | None = None
         self._labels: npt.NDArray[np.uint8] = np.zeros((0, 0, 0), dtype=np.uint8)
         self._prob: npt.NDArray[np.float32] = np.zeros((0, 0, 0), dtype=np.float32)
+        #: ``instrument_present`` of a model with a presence head (bound only then)
+        self._present: npt.NDArray[np.float32] | None = None
         self._keep: list[Any] = []
         self._device_label = "cpu"
 
@@ -247,6 +256,12 @@ class OnnxRuntimeEngine:
         binding.bind_ortvalue_output(labels_name, lab_val)
         binding.bind_ortvalue_output(prob_name, prob_val)
         self._keep = [in_val, lab_val, prob_val]
+        self._present = None
+        if PRESENCE in card.output_names() and PRESENCE in {o.name for o in session.get_outputs()}:
+            self._present = np.zeros((1,), dtype=np.float32)
+            present_val = ort.OrtValue.ortvalue_from_numpy(self._present)
+            binding.bind_ortvalue_output(PRESENCE, present_val)
+            self._keep.append(present_val)
         self._session, self._binding, self._card, self._pre = session, binding, card, pre
         logger.info(
             "onnxruntime %s loaded %s on %s (spinning %s)", ort.__version__, card.label, used, self._spinning
@@ -273,7 +288,9 @@ class OnnxRuntimeEngine:
         pre.prepare(image)
         labels, prob = self.run_tensor()
         return SegmentationOutput(
-            labels=pre.restore_labels(labels[0]), instrument_prob=pre.restore_prob(prob[0])
+            labels=pre.restore_labels(labels[0]),
+            instrument_prob=pre.restore_prob(prob[0]),
+            scores=presence_scores(self._present),
         )
 
     @property

@@ -52,7 +52,14 @@ import numpy.typing as npt
 
 from engines.assets import ModelCard, load_model_card, resolve_model
 from engines.backends.onnxruntime_backend import LABELS, PROB, add_label_outputs, logits_output
-from engines.base import EngineError, EngineInfo, EngineUnavailable, SegmentationOutput
+from engines.base import (
+    PRESENCE,
+    EngineError,
+    EngineInfo,
+    EngineUnavailable,
+    SegmentationOutput,
+    presence_scores,
+)
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
 from engines.trt_cache import EngineCache, EngineKey, load_or_invalidate
@@ -129,8 +136,9 @@ def model_for_precision(card: ModelCard, precision: str) -> bytes:
     model = onnx.load(str(card.onnx_path))
     logits = logits_output(model)
     model, _, _ = add_label_outputs(model, logits, labels_dtype="int32")
-    # Expose only labels + probability: logits stay inside the engine.
-    keep = [o for o in model.graph.output if o.name in (f"{LABELS}_int32", LABELS, PROB)]
+    # Expose only labels + probability (+ the presence score of a model with that head): logits stay
+    # inside the engine.
+    keep = [o for o in model.graph.output if o.name in (f"{LABELS}_int32", LABELS, PROB, PRESENCE)]
     if any(o.name == f"{LABELS}_int32" for o in keep):
         keep = [o for o in keep if o.name != LABELS]
     del model.graph.output[:]
@@ -571,6 +579,7 @@ class _TrtRunner:
             raise EngineError(f"engine has {len(self.inputs)} inputs; expected 1")
         self.labels_name = next((n for n in self.outputs if n.startswith(LABELS)), "")
         self.prob_name = PROB if PROB in self.outputs else ""
+        self.present: npt.NDArray[np.float32] | None = self.host.get(PRESENCE)
         if not self.labels_name or not self.prob_name:
             raise EngineError(f"engine outputs {self.outputs} lack {LABELS}/{PROB}")
         self.pre = Preprocessor(
@@ -715,7 +724,9 @@ class TensorRTEngine:
         runner.pre.prepare(image)
         labels, prob = runner.run()
         return SegmentationOutput(
-            labels=runner.pre.restore_labels(labels), instrument_prob=runner.pre.restore_prob(prob)
+            labels=runner.pre.restore_labels(labels),
+            instrument_prob=runner.pre.restore_prob(prob),
+            scores=presence_scores(runner.present),
         )
 
     def describe(self) -> EngineInfo:

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.assets import ModelAssetError, ModelCard, load_model_card, resolve_model
-from engines.base import EngineError, EngineInfo, EngineUnavailable, SegmentationOutput
+from engines.base import EngineError, EngineInfo, EngineUnavailable, SegmentationOutput, presence_scores
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
 
@@ -133,13 +133,16 @@ class TorchEngine:
         self._cuda = False
         self._graph: Any = None
         self._static_in: Any = None
-        self._static_out: tuple[Any, Any] | None = None
+        self._static_out: tuple[Any, Any, Any] | None = None
         self._host_in: Any = None
         self._host_labels: Any = None
         self._host_prob: Any = None
+        self._host_present: Any = None
         self._stream: Any = None
         self._label = "cpu"
         self._shift: Any = None  # (1, C, 1, 1) decision bias of the card, None when there is none
+        self._presence = False  # the network has a presence head (its gate is applied as in the graph)
+        self._presence_threshold = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -168,10 +171,13 @@ class TorchEngine:
             if card.decision_bias
             else None
         )
+        self._presence = getattr(net, "presence", None) is not None
+        self._presence_threshold = card.presence_threshold
         if self._cuda:
             self._host_in = torch.zeros((1, card.channels, h, w), dtype=torch.float32).pin_memory()
             self._host_labels = torch.zeros((1, h, w), dtype=torch.uint8).pin_memory()
             self._host_prob = torch.zeros((1, h, w), dtype=torch.float32).pin_memory()
+            self._host_present = torch.zeros((1,), dtype=torch.float32).pin_memory()
             self._pre = Preprocessor(
                 (h, w),
                 card.channels,
@@ -205,15 +211,25 @@ class TorchEngine:
             self._optimize,
         )
 
-    def _step(self, x: Any) -> tuple[Any, Any]:
+    def _step(self, x: Any) -> tuple[Any, Any, Any]:
+        """``(labels, instrument prob, instrument_present or None)`` as the exported graph computes them."""
         import torch
 
-        logits = self._net(x).float()
+        present = None
+        if self._presence:
+            logits, presence = self._net.forward_with_presence(x)
+            logits = logits.float()
+            present = torch.sigmoid(presence.float())
+        else:
+            logits = self._net(x).float()
         prob = torch.softmax(logits, dim=1)[:, 1]  # from the raw logits, before the decision bias
         if self._shift is not None:
             logits.sub_(self._shift)  # in place: no second logits tensor per frame
         labels = torch.argmax(logits, dim=1).to(torch.uint8)
-        return labels, prob
+        if present is not None and self._presence_threshold > 0.0:
+            gate = (present < self._presence_threshold).view(-1, 1, 1) & (labels == 1)
+            labels.masked_fill_(gate, 0)
+        return labels, prob, present
 
     def warm_up(self) -> None:
         card, _ = self._require()
@@ -258,21 +274,27 @@ class TorchEngine:
                     self._static_in.copy_(self._host_in, non_blocking=True)
                     if self._graph is not None and self._static_out is not None:
                         self._graph.replay()
-                        labels, prob = self._static_out
+                        labels, prob, present = self._static_out
                     else:
-                        labels, prob = self._step(self._static_in)
+                        labels, prob, present = self._step(self._static_in)
                     self._host_labels.copy_(labels, non_blocking=True)
                     self._host_prob.copy_(prob, non_blocking=True)
+                    if present is not None:
+                        self._host_present.copy_(present, non_blocking=True)
                 self._stream.synchronize()
                 lab_np, prob_np = self._host_labels.numpy(), self._host_prob.numpy()
+                present_np = self._host_present.numpy() if present is not None else None
             else:
                 x = torch.from_numpy(pre.tensor)
                 if self._optimize:
                     x = x.contiguous(memory_format=torch.channels_last)
-                labels, prob = self._step(x)
+                labels, prob, present = self._step(x)
                 lab_np, prob_np = labels.numpy(), prob.numpy()
+                present_np = present.numpy() if present is not None else None
         return SegmentationOutput(
-            labels=pre.restore_labels(lab_np[0]), instrument_prob=pre.restore_prob(prob_np[0])
+            labels=pre.restore_labels(lab_np[0]),
+            instrument_prob=pre.restore_prob(prob_np[0]),
+            scores=presence_scores(present_np),
         )
 
     def describe(self) -> EngineInfo:

@@ -14,6 +14,12 @@ Decisions (also recorded in the model card):
   is never only seen at a coarse scale. The bottleneck uses dilated depthwise convs for context.
 * Training-only auxiliary head: a full-resolution tip heatmap (:meth:`UNet.forward_with_aux`), which pulls
   the decoder towards the needle tip; it is not exported.
+* Optional instrument-presence head (``presence_head``): one logit per frame, "is an instrument in this
+  frame", from pooled features (mean and max of the bottleneck, max of the last decoder stage) through a
+  small MLP. The segmentation decides *where*, pixel by pixel; this decides *whether* with the whole
+  frame in view. Exported as ``instrument_present`` (sigmoid) and, with a calibrated
+  ``presence_threshold``, used in the graph to clear the instrument class on frames it scores below that
+  threshold (:class:`_ExportWrapper`), so every backend gets the same gated labels.
 
 Compute: :func:`count_macs` counts multiply-accumulates with forward hooks (conv, transposed conv,
 linear). The default configuration is ~0.3 GMAC per 256x256 frame.
@@ -48,6 +54,9 @@ INPUT_NAME = "image"
 LOGITS_NAME = "logits"
 LABELS_NAME = "labels"
 PROB_NAME = "instrument_prob"
+PRESENCE_NAME = "instrument_present"
+#: Hidden width of the presence head's MLP.
+PRESENCE_HIDDEN = 32
 CARD_FORMAT_VERSION = 1
 
 
@@ -62,6 +71,7 @@ class UNetConfig:
             level at half the resolution of the previous one.
         bottleneck_dilations: dilation of each depthwise conv in the bottleneck (context without cost).
         tip_head: add the training-only tip heatmap head.
+        presence_head: add the instrument-presence head (exported; see the module docstring).
     """
 
     in_channels: int = 1
@@ -69,6 +79,7 @@ class UNetConfig:
     widths: tuple[int, ...] = (16, 32, 48, 96, 128)
     bottleneck_dilations: tuple[int, ...] = (1, 2, 4)
     tip_head: bool = True
+    presence_head: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +92,7 @@ class UNetConfig:
             widths=tuple(int(w) for w in data.get("widths", (16, 32, 48, 96, 128))),
             bottleneck_dilations=tuple(int(d) for d in data.get("bottleneck_dilations", (1, 2, 4))),
             tip_head=bool(data.get("tip_head", True)),
+            presence_head=bool(data.get("presence_head", False)),
         )
 
 
@@ -159,6 +171,15 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(UpBlock(w[i + 1], w[i]) for i in reversed(range(len(w) - 1)))
         self.head = nn.Conv2d(w[0], config.num_classes, 1)
         self.tip: nn.Module | None = nn.Conv2d(w[0], 1, 1) if config.tip_head else None
+        self.presence: nn.Module | None = (
+            nn.Sequential(
+                nn.Linear(2 * w[-1] + w[0], PRESENCE_HIDDEN),
+                nn.ReLU(inplace=True),
+                nn.Linear(PRESENCE_HIDDEN, 1),
+            )
+            if config.presence_head
+            else None
+        )
         self._init_weights()
 
     @property
@@ -181,25 +202,45 @@ class UNet(nn.Module):
         if self.tip is not None and isinstance(self.tip, nn.Conv2d) and self.tip.bias is not None:
             nn.init.constant_(self.tip.bias, -4.0)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(last decoder stage, bottleneck output)``."""
         skips: list[torch.Tensor] = [self.stem(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
-        y: torch.Tensor = self.bottleneck(skips.pop())
+        deep: torch.Tensor = self.bottleneck(skips.pop())
+        y = deep
         for up in self.up:
             y = up(y, skips.pop())
-        return y
+        return y, deep
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode_decode(x)[0]
+
+    def _presence_logit(self, f: torch.Tensor, deep: torch.Tensor) -> torch.Tensor | None:
+        if self.presence is None:
+            return None
+        pooled = torch.cat([deep.mean(dim=(2, 3)), deep.amax(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        out: torch.Tensor = self.presence(pooled)[:, 0]
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.features(x))
         return out
 
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(logits, tip_heatmap_logits or None)`` (training)."""
-        f = self.features(x)
+    def forward_with_presence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits, presence logit (N,) or None)``: what inference and export need."""
+        f, deep = self._encode_decode(x)
+        logits: torch.Tensor = self.head(f)
+        return logits, self._presence_logit(f, deep)
+
+    def forward_with_aux(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(logits, tip heatmap logits or None, presence logit (N,) or None)`` (training)."""
+        f, deep = self._encode_decode(x)
         tip = self.tip(f) if self.tip is not None else None
         logits: torch.Tensor = self.head(f)
-        return logits, tip
+        return logits, tip, self._presence_logit(f, deep)
 
 
 def build_model(config: UNetConfig | Mapping[str, Any] | None = None) -> UNet:
@@ -272,10 +313,13 @@ class _ExportWrapper(nn.Module):
         include_argmax: bool,
         instrument_logit_bias: float = 0.0,
         target_logit_bias: float = 0.0,
+        presence_threshold: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.include_argmax = include_argmax
+        self.with_presence = include_argmax and getattr(model, "presence", None) is not None
+        self.presence_threshold = float(presence_threshold)
         n = int(getattr(getattr(model, "config", None), "num_classes", 3))
         per_class = ([0.0, float(instrument_logit_bias), float(target_logit_bias)] + [0.0] * n)[:n]
         self.shift: torch.Tensor | None = (
@@ -283,7 +327,12 @@ class _ExportWrapper(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits: torch.Tensor = self.model(x)
+        presence: torch.Tensor | None = None
+        if self.with_presence:
+            assert isinstance(self.model, UNet)
+            logits, presence = self.model.forward_with_presence(x)
+        else:
+            logits = self.model(x)
         if not self.include_argmax:
             return (logits,)
         decide = logits if self.shift is None else logits - self.shift
@@ -304,10 +353,19 @@ class _ExportWrapper(nn.Module):
         for c in range(2, logits.shape[1]):
             denom = denom + torch.exp(logits[:, c] - logits[:, 1])
         prob = torch.reciprocal(denom)
-        return logits, labels, prob
+        if presence is None:
+            return logits, labels, prob
+        present = torch.sigmoid(presence)
+        if self.presence_threshold > 0.0:
+            # The gate: a frame the presence head scores below the threshold has no instrument pixels.
+            gate = (present < self.presence_threshold).view(-1, 1, 1) & (labels == 1)
+            labels = torch.where(gate, 0, labels)
+        return logits, labels, prob, present
 
 
-def output_spec(height: int, width: int, include_argmax: bool, num_classes: int = 3) -> list[dict[str, Any]]:
+def output_spec(
+    height: int, width: int, include_argmax: bool, num_classes: int = 3, presence: bool = False
+) -> list[dict[str, Any]]:
     """The ``output.tensors`` block of the model card for an export with these options."""
     out: list[dict[str, Any]] = [
         {"name": LOGITS_NAME, "shape": [1, num_classes, height, width], "dtype": "float32"},
@@ -315,6 +373,8 @@ def output_spec(height: int, width: int, include_argmax: bool, num_classes: int 
     if include_argmax:
         out.append({"name": LABELS_NAME, "shape": [1, height, width], "dtype": "uint8"})
         out.append({"name": PROB_NAME, "shape": [1, height, width], "dtype": "float32"})
+        if presence:
+            out.append({"name": PRESENCE_NAME, "shape": [1], "dtype": "float32"})
     return out
 
 
@@ -328,6 +388,7 @@ def export_onnx(
     include_argmax: bool = True,
     instrument_logit_bias: float = 0.0,
     target_logit_bias: float = 0.0,
+    presence_threshold: float = 0.0,
 ) -> Path:
     """Export ``model`` to ONNX with a fixed ``(1, C, height, width)`` input named ``image``.
 
@@ -337,7 +398,9 @@ def export_onnx(
     checked with ``onnx.checker``. ``instrument_logit_bias`` (>= 0) is subtracted from the instrument logit
     before the in-graph argmax only (``logits`` and ``instrument_prob`` are unchanged): an operating point
     that trades a little instrument recall for far fewer false instrument pixels. ``target_logit_bias``
-    is subtracted from the target logit the same way (negative: a larger target). Returns the path.
+    is subtracted from the target logit the same way (negative: a larger target). A model with a presence
+    head also outputs ``instrument_present`` (1,) float32, and with ``presence_threshold`` > 0 its
+    ``labels`` have no instrument on frames scored below it. Returns the path.
     """
     import onnx
 
@@ -346,8 +409,12 @@ def export_onnx(
     in_ch = int(getattr(getattr(model, "config", None), "in_channels", 1))
     was_training = model.training
     model.eval()
-    wrapper = _ExportWrapper(model, include_argmax, instrument_logit_bias, target_logit_bias).eval()
+    wrapper = _ExportWrapper(
+        model, include_argmax, instrument_logit_bias, target_logit_bias, presence_threshold
+    ).eval()
     names = [LOGITS_NAME, LABELS_NAME, PROB_NAME] if include_argmax else [LOGITS_NAME]
+    if wrapper.with_presence:
+        names.append(PRESENCE_NAME)
     dummy = torch.zeros((1, in_ch, height, width), dtype=torch.float32)
     try:
         # The TorchScript exporter (dynamo=False) is deprecated but needs no extra package (the dynamo
@@ -429,6 +496,7 @@ def write_model_card(
     parameters: int | None = None,
     instrument_logit_bias: float = 0.0,
     target_logit_bias: float = 0.0,
+    presence_threshold: float = 0.0,
 ) -> dict[str, Any]:
     """Write the JSON model card next to the ONNX file and return it as a dict.
 
@@ -438,7 +506,8 @@ def write_model_card(
     ``evaluation``, ``onnx`` (file name, opset, sha256), ``intended_use``, ``limits``.
     """
     onnx_path = Path(onnx_path)
-    tensors = output_spec(height, width, include_argmax, config.num_classes)
+    with_presence = include_argmax and config.presence_head
+    tensors = output_spec(height, width, include_argmax, config.num_classes, with_presence)
     card: dict[str, Any] = {
         "card_format": CARD_FORMAT_VERSION,
         "name": info.name,
@@ -467,6 +536,15 @@ def write_model_card(
             "class-axis ArgMax/Softmax kernels",
             "instrument_logit_bias": instrument_logit_bias,
             "target_logit_bias": target_logit_bias,
+            **(
+                {
+                    "presence_threshold": presence_threshold,
+                    "presence_notes": "instrument_present = sigmoid(presence logit), one per frame; labels "
+                    "hold no instrument on frames where it is below presence_threshold (0: no gate)",
+                }
+                if with_presence
+                else {}
+            ),
         },
         "architecture": {
             "family": "U-Net, depthwise-separable convolutions",
@@ -512,6 +590,7 @@ def export_model_asset(
     opset: int = 17,
     instrument_logit_bias: float = 0.0,
     target_logit_bias: float = 0.0,
+    presence_threshold: float = 0.0,
 ) -> tuple[Path, Path]:
     """Export ``<directory>/<name>.onnx`` and write ``<directory>/<name>.json``; return both paths."""
     directory = Path(directory)
@@ -524,6 +603,7 @@ def export_model_asset(
         include_argmax=include_argmax,
         instrument_logit_bias=instrument_logit_bias,
         target_logit_bias=target_logit_bias,
+        presence_threshold=presence_threshold,
     )
     card_path = directory / f"{info.name}.json"
     write_model_card(
@@ -539,6 +619,7 @@ def export_model_asset(
         parameters=count_parameters(model),
         instrument_logit_bias=instrument_logit_bias,
         target_logit_bias=target_logit_bias,
+        presence_threshold=presence_threshold,
     )
     return onnx_path, card_path
 

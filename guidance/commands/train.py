@@ -75,6 +75,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="give half of the water-bath sequences straight line reflectors that do not reach the border",
     )
+    p.add_argument(
+        "--presence-head",
+        action="store_true",
+        default=None,
+        help="add the per-frame instrument-presence head (calibration then sets the gate it drives)",
+    )
+    p.add_argument(
+        "--freeze-body",
+        action="store_true",
+        default=None,
+        help="train only what the --init weights lack (a new presence head); keep the rest as loaded",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -124,9 +136,12 @@ def train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
             "point_reflector_fraction": args.point_reflectors,
             "curved_wall_fraction": args.curved_walls,
             "bath_lines": args.bath_lines,
+            "freeze_body": args.freeze_body,
         }.items()
         if v is not None
     }
+    if args.presence_head:
+        overrides["model"] = dataclasses.replace(base.model, presence_head=True)
     return dataclasses.replace(
         base, modalities=modalities, minutes=args.minutes, steps=args.steps, seed=args.seed, **overrides
     )

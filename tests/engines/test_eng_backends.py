@@ -152,3 +152,54 @@ def test_eng_torch_applies_the_calibrated_decision_bias(model_dir: Path, tmp_pat
             assert (la == lb).mean() >= 0.999
             np.testing.assert_allclose(pa, pb, atol=1e-4)  # the probability carries no bias
             assert (lb != lp).mean() > 0.01  # the bias did move labels
+
+
+@needs_torch
+def test_eng_presence_score_and_gate_agree_across_backends(tmp_path: Path) -> None:
+    """A presence model: ONNX Runtime and torch report the same score and gate the same frames."""
+    import dataclasses
+
+    import torch
+
+    from engines.base import PRESENCE
+    from engines.models import unet
+
+    torch.manual_seed(2)
+    model = unet.build_model(dataclasses.replace(unet.TINY_CONFIG, presence_head=True)).eval()
+    bias = model.head.bias
+    assert bias is not None
+    with torch.no_grad():
+        bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # instrument everywhere until gated
+    cards = {}
+    for name, threshold in (("open", 0.0), ("shut", 1.0)):  # a sigmoid is always under 1: all gated
+        _, card = unet.export_model_asset(
+            model,
+            tmp_path,
+            unet.CardInfo(name=name, version="0"),
+            height=64,
+            width=64,
+            presence_threshold=threshold,
+        )
+        torch.save(model.state_dict(), card.with_suffix(".pt"))
+        cards[name] = card
+    assert assets.load_model_card(cards["shut"]).presence_threshold == 1.0
+    for name, card in cards.items():
+        outs = {}
+        for engine in (
+            onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu"),
+            torch_backend.TorchEngine(card, device="cpu", optimize=False),
+            torch_backend.TorchEngine(card, device="cpu"),
+        ):
+            engine.load()
+            try:
+                outs[engine] = [engine.infer(f) for f in _frames()]
+            finally:
+                engine.close()
+        ref, *others = outs.values()
+        for got in others:
+            for a, b in zip(ref, got, strict=True):
+                assert 0.0 < a.scores[PRESENCE] < 1.0
+                assert b.scores[PRESENCE] == pytest.approx(a.scores[PRESENCE], abs=1e-4)
+                assert (a.labels == b.labels).mean() >= 0.999
+        instrument = sum(int((r.labels == 1).sum()) for r in ref)
+        assert (instrument > 0) if name == "open" else (instrument == 0)

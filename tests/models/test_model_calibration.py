@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,13 @@ pytest.importorskip("onnx")
 
 from engines.assets import load_model_card  # noqa: E402
 from engines.base import INSTRUMENT, TARGET  # noqa: E402
-from engines.models.unet import TINY_CONFIG, build_model, export_test_model  # noqa: E402
+from engines.models.unet import (  # noqa: E402
+    TINY_CONFIG,
+    CardInfo,
+    build_model,
+    export_model_asset,
+    export_test_model,
+)
 from guidance import calibration  # noqa: E402
 from guidance.evaluation import HELDOUT_SEED_BASE  # noqa: E402
 
@@ -43,7 +50,8 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     torch.manual_seed(0)
     report = calibration.calibrate(build_model(TINY_CONFIG), cfg)
     assert [row["bias"] for row in report["sweep"]] == [0.0, 50.0]
-    assert set(report["sweep"][0]) == {"bias", "us", "fluoro"}
+    assert set(report["sweep"][0]) == {"bias", "presence_threshold", "us", "fluoro"}
+    assert report["presence_gate"] == {"enabled": False}  # no presence head, no gate
     assert report["instrument_logit_bias"] in (0.0, 50.0)
     assert [row["target_bias"] for row in report["target_sweep"]] == [-0.5, 0.0]
     assert report["target_logit_bias"] in (-0.5, 0.0)
@@ -128,3 +136,74 @@ def test_choose_bias_prefers_dice_under_the_target_then_near_the_floor() -> None
     assert row["bias"] == 3
     with pytest.raises(calibration.CalibrationError):
         calibration.choose_bias([], mods, 0.02)
+
+
+def test_choose_presence_threshold_keeps_the_frames_with_an_instrument() -> None:
+    # us: 100 instrument frames, two scored low (0.04, 0.15); fluoro: all instrument frames above 0.3.
+    us_p = np.concatenate([np.full(98, 0.9, np.float32), np.array([0.04, 0.15], np.float32)])
+    us_free = np.array([0.01, 0.03, 0.08, 0.6], np.float32)
+    fl_p = np.full(50, 0.95, np.float32)
+    present = {"us": [us_p, us_free], "fluoro": [fl_p]}
+    visible = {"us": [np.ones(100, bool), np.zeros(4, bool)], "fluoro": [np.ones(50, bool)]}
+    t, table = calibration.choose_presence_threshold(present, visible, (0.02, 0.05, 0.1, 0.2), 0.01)
+    # 0.05 drops 1 of 100 (allowed), 0.1 still 1, 0.2 drops 2: the largest allowed is 0.1
+    assert t == 0.1
+    row = next(r for r in table if r["presence_threshold"] == 0.1)
+    assert row["us"]["instrument_frames_gated"] == pytest.approx(0.01)
+    assert row["us"]["instrument_free_frames_gated"] == pytest.approx(0.75)
+    assert row["fluoro"]["instrument_frames_gated"] == 0.0
+    # None allowed: no gate.
+    t, _ = calibration.choose_presence_threshold(present, visible, (0.2, 0.5), 0.0)
+    assert t == 0.0
+
+
+def test_decide_applies_the_presence_gate_to_the_instrument_only() -> None:
+    logits = np.zeros((3, 4, 4), np.float32)
+    logits[INSTRUMENT, 0, :] = 3.0
+    logits[TARGET, 2:, 2:] = 3.0
+    kept, _ = calibration.decide(logits, 0.0, False, present=0.5, presence_threshold=0.3)
+    gated, _ = calibration.decide(logits, 0.0, False, present=0.2, presence_threshold=0.3)
+    assert (kept == INSTRUMENT).sum() == 4
+    assert (gated == INSTRUMENT).sum() == 0
+    assert (gated == TARGET).sum() == (kept == TARGET).sum() == 4
+
+
+def test_calibration_of_a_presence_model_sweeps_the_gate_and_exports_it(tmp_path: Path) -> None:
+    cfg = calibration.CalibrationConfig(
+        biases=(0.0, 50.0),
+        target_biases=(0.0,),
+        sequences=1,
+        frames=3,
+        stride=5,
+        presence_thresholds=(0.001,),
+        max_presence_miss=1.0,  # any threshold is allowed: the gated rows must be swept
+    )
+    config = dataclasses.replace(TINY_CONFIG, presence_head=True)
+    torch.manual_seed(0)
+    report = calibration.calibrate(build_model(config), cfg)
+    assert report["presence_gate"]["candidate"] == 0.001
+    assert [(r["bias"], r["presence_threshold"]) for r in report["sweep"]] == [
+        (0.0, 0.0),
+        (50.0, 0.0),
+        (0.0, 0.001),
+        (50.0, 0.001),
+    ]
+    assert len(report["presence_gate"]["table"]) == 1
+    json.dumps(report)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = build_model(config).eval()
+    _, card_path = export_model_asset(model, run, CardInfo(name="p", version="0"), height=64, width=64)
+    torch.save(model.state_dict(), card_path.with_suffix(".pt"))
+    forced = {
+        **report,
+        "instrument_logit_bias": 0.0,
+        "target_logit_bias": 0.0,
+        "presence_gate": {**report["presence_gate"], "enabled": True, "presence_threshold": 0.75},
+        "single_region_target": {"enabled": False},
+    }
+    _, new_card = calibration.apply_calibration(card_path, tmp_path / "out", forced)
+    card = load_model_card(new_card)
+    assert card.presence_threshold == 0.75
+    assert "instrument_present" in card.output_names()

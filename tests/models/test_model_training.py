@@ -43,18 +43,18 @@ def test_model_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
         # Train-mode BatchNorm (batch statistics): running statistics need far more than 15 steps.
         model.train()
         with torch.no_grad():
-            logits, tip_logits = model.forward_with_aux(x)
+            logits, tip_logits, _ = model.forward_with_aux(x)
             return float(loss_fn(logits, tip_logits, y, tip)[0])
 
     before = loss_now()
     model.train()
     for _ in range(15):
-        logits, tip_logits = model.forward_with_aux(x)
+        logits, tip_logits, _ = model.forward_with_aux(x)
         loss, parts = loss_fn(logits, tip_logits, y, tip)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert set(parts) == {"loss", "ce", "dice", "tversky", "cldice", "tip"}
+    assert set(parts) == {"loss", "ce", "dice", "tversky", "cldice", "tip", "presence"}
     assert loss_now() < 0.8 * before
 
 
@@ -237,3 +237,47 @@ def test_model_train_command_options_reach_the_config() -> None:
     assert cfg.target_ce_weight == cfg.target_dice_weight == 2.5
     assert (cfg.hard_negative_fraction, cfg.fluoro_hard_negative_fraction) == (0.6, 0.3)
     assert (cfg.point_reflector_fraction, cfg.curved_wall_fraction, cfg.bath_lines) == (0.25, 0.2, True)
+    assert not cfg.model.presence_head
+    assert not cfg.freeze_body
+
+    args = build_parser().parse_args(["train", "--init", "w.pt", "--presence-head", "--freeze-body"])
+    cfg = train_config(args, base)
+    assert cfg.model == dataclasses.replace(base.model, presence_head=True)
+    assert cfg.freeze_body
+
+
+def test_model_presence_head_trains_alone_on_a_frozen_network(tmp_path: Path) -> None:
+    """--presence-head --freeze-body: the loaded network stays bit for bit; only the new head learns."""
+    body = build_model(TINY_CONFIG)
+    torch.save(body.state_dict(), tmp_path / "body.pt")
+    cfg = dataclasses.replace(
+        TINY,
+        steps=4,
+        lr=1e-2,
+        model=dataclasses.replace(TINY_CONFIG, presence_head=True),
+        init_weights=str(tmp_path / "body.pt"),
+        freeze_body=True,
+        val_every=2,
+        val_sequences=1,
+        val_frames_per_sequence=2,
+    )
+    result = training.train(cfg, None, progress=False)
+    trained = result.model.state_dict()
+    for k, v in body.state_dict().items():  # weights and BatchNorm statistics alike
+        assert torch.equal(trained[k], v), k
+    assert result.model.presence is not None
+    head = build_model(cfg.model)
+    training.load_initial_weights(head, str(tmp_path / "body.pt"))  # the same start, untrained head
+    assert any(
+        not torch.equal(trained[k], v) for k, v in head.state_dict().items() if k.startswith("presence.")
+    )
+    assert "val_presence_accuracy" in result.history[-1]
+    assert result.history[-1]["presence"] > 0.0
+
+    # Nothing new to train, or weights of another network: said plainly.
+    with pytest.raises(training.TrainingError, match="lack nothing"):
+        training.train(dataclasses.replace(cfg, model=TINY_CONFIG), None, progress=False)
+    other = build_model(dataclasses.replace(TINY_CONFIG, widths=(4, 8, 16)))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(training.TrainingError, match="does not fit"):
+        training.load_initial_weights(build_model(cfg.model), str(tmp_path / "other.pt"))

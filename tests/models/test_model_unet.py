@@ -53,8 +53,9 @@ def test_model_output_shape_and_aux_head() -> None:
     x = torch.rand(2, 1, 32, 48)
     with torch.no_grad():
         logits = model(x)
-        logits2, tip = model.forward_with_aux(x)
+        logits2, tip, presence = model.forward_with_aux(x)
     assert logits.shape == (2, 3, 32, 48)
+    assert presence is None  # no presence head unless asked for
     assert tip is not None
     assert tip.shape == (2, 1, 32, 48)
     assert torch.equal(logits, logits2)
@@ -185,3 +186,46 @@ def test_model_instrument_logit_bias_only_changes_labels(tmp_path: Path) -> None
     np.testing.assert_allclose(pa[2], pb[2], atol=1e-6)
     assert int((pa[1] == 1).sum()) > 0
     assert int((pb[1] == 1).sum()) == 0
+
+
+def test_model_presence_head_exports_its_score_and_gates_the_instrument(tmp_path: Path) -> None:
+    """The presence head's sigmoid is an output; a threshold over it clears instrument labels, nothing else."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY_CONFIG, presence_head=True)).eval()
+    bias = model.head.bias
+    assert bias is not None
+    with torch.no_grad():
+        bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # instrument everywhere
+    x = np.random.default_rng(1).random((1, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        _, presence = model.forward_with_presence(torch.from_numpy(x))
+    assert presence is not None
+    p_ref = float(torch.sigmoid(presence)[0])
+    runs = {}
+    for threshold in (0.0, p_ref - 0.01, p_ref + 0.01):
+        info = CardInfo(name=f"p{len(runs)}", version="0")
+        onnx_path, card_path = export_model_asset(
+            model, tmp_path, info, height=32, width=32, presence_threshold=threshold
+        )
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        assert [o.name for o in sess.get_outputs()] == [
+            "logits",
+            "labels",
+            "instrument_prob",
+            "instrument_present",
+        ]
+        runs[threshold] = sess.run(None, {"image": x})
+        card = json.loads(card_path.read_text())
+        assert card["output"]["presence_threshold"] == threshold
+        assert card["output"]["names"][-1] == "instrument_present"
+        assert card["architecture"]["config"]["presence_head"] is True
+    open_, below, above = runs.values()
+    assert open_[3].shape == (1,)
+    assert open_[3][0] == pytest.approx(p_ref, abs=1e-5)
+    assert int((open_[1] == 1).sum()) > 0
+    np.testing.assert_array_equal(below[1], open_[1])  # scored above the threshold: untouched
+    assert int((above[1] == 1).sum()) == 0  # scored below it: no instrument left
+    np.testing.assert_array_equal(above[1][open_[1] != 1], open_[1][open_[1] != 1])
+    np.testing.assert_allclose(above[2], open_[2], atol=1e-6)  # the probability is not gated

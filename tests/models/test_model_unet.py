@@ -229,3 +229,6 @@ def test_model_presence_head_exports_its_score_and_gates_the_instrument(tmp_path
     assert int((above[1] == 1).sum()) == 0  # scored below it: no instrument left
     np.testing.assert_array_equal(above[1][open_[1] != 1], open_[1][open_[1] != 1])
     np.testing.assert_allclose(above[2], open_[2], atol=1e-6)  # the probability is not gated
+    # The head's MACs are counted: (2 * 8 + 4) pooled features -> 32 -> 1.
+    plain = count_macs(build_model(TINY_CONFIG), (1, 1, 32, 32))
+    assert count_macs(model, (1, 1, 32, 32)) - plain == 20 * 32 + 32

@@ -89,11 +89,6 @@ def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
     return [VALIDATION_SEED_BASE + 1000 * modality_index + SEED_OFFSET + k for k in range(cfg.sequences)]
 
 
-def _logits(model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int) -> npt.NDArray[np.float32]:
-    """Network logits ``(n, classes, size, size)`` for phantom frames already at the network size."""
-    return _outputs(model, frames, size)[0]
-
-
 def _outputs(
     model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
@@ -294,20 +289,26 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
         if candidate > 0.0:
             thresholds.append(candidate)
         logger.info("calibration: presence gate candidate %g", candidate)
+
+    def score(m: str, bias: float, single: bool, target_bias: float, threshold: float) -> ModalityReport:
+        """Modality ``m``'s validation figures at one operating point."""
+        return _score(
+            data[m],
+            logits[m],
+            bias,
+            single,
+            reader_factory,
+            target_bias=target_bias,
+            present=present.get(m),
+            presence_threshold=threshold,
+        )
+
     sweep: list[dict[str, Any]] = []
     for t in thresholds:
         for b in cfg.biases:
             row: dict[str, Any] = {"bias": b, "presence_threshold": t}
             for m in cfg.modalities:
-                r = _score(
-                    data[m],
-                    logits[m],
-                    b,
-                    False,
-                    reader_factory,
-                    present=present.get(m),
-                    presence_threshold=t,
-                )
+                r = score(m, b, False, 0.0, t)
                 row[m] = {
                     "instrument_dice": _finite(r.instrument_dice),
                     "false_detection_rate": _finite(r.false_detection_rate),
@@ -326,21 +327,7 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
         presence_report["presence_threshold"] = threshold
     target_sweep: list[dict[str, Any]] = []
     for tb in cfg.target_biases:
-        dice = {
-            m: _finite(
-                _score(
-                    data[m],
-                    logits[m],
-                    bias,
-                    False,
-                    reader_factory,
-                    target_bias=tb,
-                    present=present.get(m),
-                    presence_threshold=threshold,
-                ).target_dice
-            )
-            for m in cfg.modalities
-        }
+        dice = {m: _finite(score(m, bias, False, tb, threshold).target_dice) for m in cfg.modalities}
         target_sweep.append({"target_bias": tb, **{m: {"target_dice": d} for m, d in dice.items()}})
         logger.info("calibration: target bias %g -> %s", tb, dice)
     best = max(
@@ -354,16 +341,7 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
     single: dict[str, Any] = {}
     for m in cfg.modalities:
         off = best[m]["target_dice"]
-        on = _score(
-            data[m],
-            logits[m],
-            bias,
-            True,
-            reader_factory,
-            target_bias=target_bias,
-            present=present.get(m),
-            presence_threshold=threshold,
-        ).target_dice
+        on = score(m, bias, True, target_bias, threshold).target_dice
         single[m] = {"target_dice_without": off, "target_dice_with": _finite(on)}
     gains = [(v["target_dice_with"] or 0.0) - (v["target_dice_without"] or 0.0) for v in single.values()]
     use_single = bool(gains) and float(np.mean(gains)) > 0.0

@@ -6,6 +6,10 @@ The card format is the one written by :func:`engines.models.unet.write_model_car
 accepted as well. :func:`load_model_card` refuses an ONNX file whose hash differs from the card, saying
 which file, the expected and the actual hash.
 
+``input.channel_meaning`` says what the input channels hold: ``["current frame"]`` (one channel; a card
+without the field gets the frame in every channel, as before) or ``["current frame", "current frame minus
+previous frame"]`` (two channels: a temporal model, :attr:`ModelCard.temporal`); anything else is refused.
+
 Torch weights, for the torch backend, are ``<name>.pt`` beside the ONNX file: a ``state_dict`` of
 ``engines.models.unet.build_model(card["architecture"]["config"])`` (loaded with ``weights_only=True``).
 """
@@ -24,6 +28,7 @@ from types import MappingProxyType
 from typing import Any
 
 from engines.base import CLASS_NAMES, EngineError
+from engines.models.preprocess import SINGLE_FRAME_CHANNELS, TEMPORAL_CHANNELS
 from engines.preprocess import Normalization, PreprocessError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +85,9 @@ class ModelCard:
     #: instrument pixels (card ``output.presence_threshold``; 0: no gate). Graphs that output labels have
     #: it built in; a backend that decides from logits itself must apply it.
     presence_threshold: float = 0.0
+    #: The input is ``[current frame, current frame - previous frame]`` (card ``input.channel_meaning``);
+    #: the engine keeps the previous frame of the stream and forgets it on ``reset()``.
+    temporal: bool = False
 
     @property
     def torch_weights_path(self) -> Path:
@@ -102,6 +110,22 @@ def _req(d: Mapping[str, Any], key: str, where: Path) -> Any:
     if key not in d:
         raise ModelAssetError(f"model card {where} lacks the field {key!r}")
     return d[key]
+
+
+def _is_temporal(card_path: Path, channels: int, meaning: Any) -> bool:
+    """Whether the card's ``input`` describes a temporal model; refuse meanings this build cannot feed."""
+    if meaning is None:  # cards written before channel_meaning existed: the frame in every channel
+        return False
+    got = tuple(str(m) for m in meaning) if isinstance(meaning, (list, tuple)) else None
+    if got == SINGLE_FRAME_CHANNELS and channels == 1:
+        return False
+    if got == TEMPORAL_CHANNELS and channels == 2:
+        return True
+    raise ModelAssetError(
+        f"model card {card_path} gives input.channel_meaning {meaning!r} with {channels} channel(s), "
+        f"but this build understands only {list(SINGLE_FRAME_CHANNELS)} with 1 channel "
+        f"or {list(TEMPORAL_CHANNELS)} with 2 channels"
+    )
 
 
 def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
@@ -145,6 +169,8 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
                 bias[idx] = float(out[key])
                 if not math.isfinite(bias[idx]):
                     raise ModelAssetError(f"model card {card_path}: output {key} is not a finite number")
+        channels = int(inp.get("channels", 1))
+        temporal = _is_temporal(card_path, channels, inp.get("channel_meaning"))
         presence_threshold = float(out.get("presence_threshold") or 0.0)
         if not 0.0 <= presence_threshold <= 1.0:
             raise ModelAssetError(
@@ -156,7 +182,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             classes=classes,
             input_name=str(inp.get("name", "")),
             input_hw=(int(inp["height"]), int(inp["width"])),
-            channels=int(inp.get("channels", 1)),
+            channels=channels,
             normalization=norm,
             output_kind=str(out.get("kind", "logits")),
             outputs=tensors,
@@ -167,6 +193,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             single_region_classes=tuple(classes.index(c) for c in single),
             decision_bias=tuple(bias) if any(bias) else (),
             presence_threshold=presence_threshold,
+            temporal=temporal,
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc

@@ -73,6 +73,10 @@ class SegmentationEngine(Protocol):
 
     ``infer`` takes a 2-D (or HxWx1..4) uint8/uint16/float image and returns labels at that geometry.
     It is called from one inference thread only; implementations may reuse internal buffers.
+
+    Successive ``infer`` calls are frames of one stream: a temporal model uses the previous frame too.
+    ``reset()`` (on the same thread as ``infer``) starts a new stream; ``warm_up()`` ends with one, so its
+    frames never reach the first real frame.
     """
 
     name: str
@@ -82,6 +86,10 @@ class SegmentationEngine(Protocol):
     def warm_up(self) -> None: ...
 
     def infer(self, image: npt.NDArray[np.generic]) -> SegmentationOutput: ...
+
+    def reset(self) -> None:
+        """Forget temporal state (the previous frame); call when a new stream, source or file starts."""
+        ...
 
     def describe(self) -> EngineInfo: ...
 

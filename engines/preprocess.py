@@ -10,6 +10,13 @@ The normalisation follows the model card's ``normalization`` block exactly (see 
 raw pixels are normalised at the frame's own resolution *then* resized, the same order the training code
 uses (``engines.models.preprocess.to_input``), so the tensor matches what the network was trained on.
 
+Temporal models (``temporal=True``, two channels; card ``input.channel_meaning`` = "current frame",
+"current frame minus previous frame"): channel 0 is the plane as above, channel 1 the plane minus the
+previous frame's plane (``np.subtract(out=)`` against a preallocated copy of the last plane), as
+``engines.models.preprocess.temporal_input`` defines it. The difference is zero on the first frame, after
+:meth:`Preprocessor.reset` and whenever the frame geometry or dtype changes; in letterbox padding both planes
+hold the pad value, so it is exactly zero there.
+
 Geometry: ``"stretch"`` (the default; what the shipped model is trained with) resizes the whole frame to the
 network input; ``"letterbox"`` keeps the aspect ratio and pads with the normalised value of 0. Outputs are
 mapped back by cropping the letterbox region and resizing to the frame (nearest for labels, linear for
@@ -165,13 +172,15 @@ class Preprocessor:
 
     Args:
         input_hw: network input ``(height, width)``.
-        channels: network input channels (the luminance is repeated into each).
+        channels: network input channels (the luminance is repeated into each, unless ``temporal``).
         normalization: the model card's rule.
         geometry: ``"stretch"`` or ``"letterbox"``.
         out: optional caller-owned ``(1, channels, H, W)`` float32 C-contiguous buffer to write the tensor
             into (e.g. an array bound to ONNX Runtime, or pinned host memory for TensorRT).
         single_region_classes: classes whose restored label map is reduced to one region
             (:func:`keep_main_region`), as the model card's ``postprocess`` says.
+        temporal: the network takes ``[current plane, current plane - previous plane]`` (``channels`` must
+            be 2); the preprocessor keeps the previous plane until :meth:`reset` or a geometry change.
     """
 
     def __init__(
@@ -183,10 +192,17 @@ class Preprocessor:
         out: npt.NDArray[np.float32] | None = None,
         *,
         single_region_classes: tuple[int, ...] = (),
+        temporal: bool = False,
     ) -> None:
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.single_region_classes = tuple(int(c) for c in single_region_classes)
         self.channels = int(channels)
+        self.temporal = bool(temporal)
+        if self.temporal and self.channels != 2:
+            raise PreprocessError(
+                f"a temporal model takes 2 input channels (current frame, current minus previous), "
+                f"not {self.channels}"
+            )
         self.normalization = normalization or Normalization()
         self.mode: Geometry = geometry
         shape = (1, self.channels, *self.input_hw)
@@ -201,12 +217,26 @@ class Preprocessor:
         self._geom: FrameGeometry | None = None
         self._full: npt.NDArray[np.float32] = np.empty((0, 0), dtype=np.float32)
         self._pad_value = 0.0
+        # Temporal models: the previous frame's plane at network resolution (pad included), and whether it
+        # belongs to the current stream. Allocated once; reset() only clears the flag.
+        self._previous: npt.NDArray[np.float32] = np.zeros(
+            self.input_hw if self.temporal else (0, 0), dtype=np.float32
+        )
+        self._has_previous = False
 
     # ------------------------------------------------------------------ forward
     @property
     def geometry(self) -> FrameGeometry | None:
         """Geometry of the last prepared frame (None before the first)."""
         return self._geom
+
+    def reset(self) -> None:
+        """Forget the previous frame: the next frame's difference channel is zero (a stream's first frame).
+
+        Call it where a new stream, source or file starts. Cheap (no reallocation); call it on the thread
+        that calls :meth:`prepare`.
+        """
+        self._has_previous = False
 
     def _configure(self, gray: npt.NDArray[np.generic]) -> None:
         h, w = int(gray.shape[0]), int(gray.shape[1])
@@ -225,6 +255,7 @@ class Preprocessor:
         else:
             self._pad_value = 0.0
         self.tensor.fill(self._pad_value)
+        self._has_previous = False  # a frame of another geometry is not this stream's previous frame
         self._key = key
         logger.debug(
             "Preprocessor configured for %dx%d %s -> %s (%s)", w, h, gray.dtype, self.input_hw, self.mode
@@ -271,7 +302,8 @@ class Preprocessor:
         """Write the network input for ``image`` into :attr:`tensor` and return it (the same buffer).
 
         Normalises at the frame's resolution, then resizes into the input (area when shrinking, linear when
-        enlarging), then repeats the plane into every channel.
+        enlarging), then repeats the plane into every channel, or, for a temporal model, writes the plane
+        minus the previous frame's plane into channel 1 (zero without a previous frame).
         """
         gray = self.to_gray(image)
         self._configure(gray)
@@ -289,6 +321,15 @@ class Preprocessor:
                 dst=dst,
                 interpolation=_interp(geom.src_hw, (geom.nh, geom.nw)),
             )
+        if self.temporal:
+            diff = self.tensor[0, 1]
+            if self._has_previous:
+                np.subtract(plane, self._previous, out=diff)
+            else:
+                diff.fill(0.0)
+            np.copyto(self._previous, plane)
+            self._has_previous = True
+            return self.tensor
         for c in range(1, self.channels):
             np.copyto(self.tensor[0, c], plane)
         return self.tensor

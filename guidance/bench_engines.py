@@ -145,6 +145,8 @@ def bench_size(size: int, model: Path, args: argparse.Namespace) -> tuple[list[B
     hists = {name: LatencyHistogram(name) for name in engines}
     names = list(engines)
     try:
+        # warm_up() ends with a reset; the frames then form one looping stream per engine, so a temporal
+        # model's difference channel is computed (and timed) on every frame.
         for eng in engines.values():
             eng.warm_up()
         for it in range(args.warmup + args.iterations):

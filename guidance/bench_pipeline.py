@@ -53,6 +53,9 @@ class SlowedEngine:
         time.sleep(self.delay_s)
         return self.inner.infer(image)
 
+    def reset(self) -> None:
+        self.inner.reset()
+
     def describe(self) -> EngineInfo:
         d = self.inner.describe()
         return EngineInfo(

@@ -47,7 +47,7 @@ import numpy.typing as npt
 import torch
 
 from engines.base import INSTRUMENT, TARGET, SegmentationOutput
-from engines.models.preprocess import normalize
+from engines.models.preprocess import normalize, temporal_input
 from engines.models.unet import CardInfo, UNet, UNetConfig, export_model_asset, read_model_card
 from engines.preprocess import keep_main_region
 from guidance.evaluation import GeometryReader, ModalityReport, _Accumulator, geometry_reader_factory
@@ -90,20 +90,28 @@ def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
 
 
 def _outputs(
-    model: torch.nn.Module, frames: Sequence[PhantomFrame], size: int
+    model: torch.nn.Module,
+    frames: Sequence[PhantomFrame],
+    size: int,
+    previous: Sequence[PhantomFrame | None] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
     """Logits ``(n, classes, size, size)`` and, for a model with a presence head, ``instrument_present``
-    ``(n,)`` (else None)."""
+    ``(n,)`` (else None). ``previous`` (temporal models): each frame's previous frame (None: first)."""
     batch = []
-    for f in frames:
+    for i, f in enumerate(frames):
         if f.image.shape[:2] != (size, size):
             raise CalibrationError(f"phantom frames must be {size}x{size}, got {f.image.shape[:2]}")
-        batch.append(normalize(f.image))
+        plane = normalize(f.image)
+        if previous is not None:
+            prev = previous[i]
+            plane = temporal_input(plane, None if prev is None else normalize(prev.image))
+        batch.append(plane)
     with_presence = isinstance(model, UNet) and model.presence is not None
     out, present = [], []
     with torch.inference_mode():
         for i in range(0, len(batch), 16):
-            x = torch.from_numpy(np.stack(batch[i : i + 16])[:, None].astype(np.float32))
+            stacked = np.stack(batch[i : i + 16]).astype(np.float32)
+            x = torch.from_numpy(stacked[:, None] if stacked.ndim == 3 else stacked)
             if with_presence:
                 assert isinstance(model, UNet)
                 logits, presence = model.forward_with_presence(x)
@@ -256,17 +264,25 @@ def choose_presence_threshold(
 def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig()) -> dict[str, Any]:
     """Sweep the bias and the single-region rule on validation sequences; return the JSON-ready report."""
     model.eval()
+    temporal = isinstance(model, UNet) and model.config.in_channels == 2
     reader_factory, reader_desc = geometry_reader_factory()
     data: dict[str, list[list[PhantomFrame]]] = {}
     logits: dict[str, list[npt.NDArray[np.float32]]] = {}
     present: dict[str, list[npt.NDArray[np.float32]]] = {}
     for mi, m in enumerate(cfg.modalities):
         seqs = []
+        prevs: list[list[PhantomFrame | None]] = []
         for seed in validation_seeds(cfg, mi):
             ph = make_phantom(m, seed=seed, width=cfg.size, height=cfg.size)
             seqs.append([ph.frame(j * cfg.stride) for j in range(cfg.frames)])
+            # A temporal model sees the frame before each one, as in a live stream at full rate.
+            prevs.append(
+                [ph.frame(j * cfg.stride - 1) if j else None for j in range(cfg.frames)] if temporal else []
+            )
         data[m] = seqs
-        outs = [_outputs(model, s, cfg.size) for s in seqs]
+        outs = [
+            _outputs(model, s, cfg.size, p if temporal else None) for s, p in zip(seqs, prevs, strict=True)
+        ]
         logits[m] = [lg for lg, _ in outs]
         if all(pr is not None for _, pr in outs):
             present[m] = [pr for _, pr in outs if pr is not None]

@@ -315,6 +315,31 @@ def heldout_sequences(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame]]]:
     return out
 
 
+def heldout_previous_frames(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame | None]]]:
+    """modality -> sequences -> the frame just before each held-out frame (None before the first).
+
+    The held-out frames are ``stride`` apart; a live stream delivers every frame, so a temporal model is
+    fed the one before each evaluated frame first (:func:`evaluate_engine`), as it would have seen it.
+    """
+    out: dict[str, list[list[PhantomFrame | None]]] = {}
+    for mi, m in enumerate(cfg.modalities):
+        try:
+            phantoms = [
+                make_phantom(m, seed=s, width=cfg.width, height=cfg.height) for s in heldout_seeds(cfg, mi)
+            ]
+        except (ValueError, ImportError, NotImplementedError):
+            continue  # heldout_sequences has said so
+        out[m] = [[ph.frame(j * cfg.stride - 1) if j else None for j in range(cfg.frames)] for ph in phantoms]
+    return out
+
+
+def model_is_temporal(model: str | Path | None) -> bool:
+    """Whether the model card of ``model`` (None: the shipped default) asks for the previous frame."""
+    from engines.assets import load_model_card, resolve_model
+
+    return load_model_card(resolve_model(model), verify=False).temporal
+
+
 EngineFactory = Callable[[str], SegmentationEngine]  # modality -> loaded engine
 
 
@@ -323,10 +348,13 @@ def evaluate_engine(
     data: Mapping[str, list[list[PhantomFrame]]],
     reader_factory: Callable[[], GeometryReader],
     target_kinds: Mapping[str, Sequence[str]] | None = None,
+    previous: Mapping[str, list[list[PhantomFrame | None]]] | None = None,
 ) -> dict[str, ModalityReport]:
     """Run one engine over held-out sequences; returns modality -> report.
 
-    ``target_kinds`` (modality -> kind per sequence) adds the per-kind target Dice.
+    ``target_kinds`` (modality -> kind per sequence) adds the per-kind target Dice. ``previous``
+    (:func:`heldout_previous_frames`, for a temporal model): each frame's predecessor is run through the
+    engine first, untimed and unscored. The engine is reset at the start of every sequence.
     """
     reports: dict[str, ModalityReport] = {}
     for modality, seqs in data.items():
@@ -336,10 +364,16 @@ def evaluate_engine(
             target_kinds[modality] if target_kinds and modality in target_kinds else [None] * len(seqs)
         )
         try:
-            for seq, kind in zip(seqs, kinds, strict=True):
+            prevs: Sequence[Sequence[PhantomFrame | None]] = (
+                previous[modality] if previous and modality in previous else [[None] * len(s) for s in seqs]
+            )
+            for seq, kind, seq_prev in zip(seqs, kinds, prevs, strict=True):
                 reader = reader_factory()
                 acc.start_sequence()
-                for fr in seq:
+                engine.reset()
+                for fr, prev in zip(seq, seq_prev, strict=True):
+                    if prev is not None:
+                        engine.infer(prev.image)
                     t0 = time.perf_counter()
                     out = engine.infer(fr.image)
                     ms = (time.perf_counter() - t0) * 1e3
@@ -379,6 +413,7 @@ def evaluate_plus(
                 files[path.name] = {"status": f"unreadable: {exc}"}
                 continue
             reader = reader_factory()
+            engine.reset()
             n = min(len(seq.frames), max_frames)
             hits = 0
             for i in range(n):
@@ -512,6 +547,7 @@ def evaluate(
     if not data:
         raise EvaluationError("no phantom modality is available for evaluation")
     kinds = heldout_target_kinds(cfg, data)
+    previous = heldout_previous_frames(cfg) if model_factory is None and model_is_temporal(model) else None
     make_model = model_factory or registry_engine_factory(
         model_engine, **({"model": str(model)} if model is not None else {})
     )
@@ -522,8 +558,10 @@ def evaluate(
         "interpretation": reader_desc,
         "model_path": None if model is None else str(model),
         "model_engine": model_engine,
+        "model_fed_previous_frame": previous is not None,
         "model": {
-            m: r.to_dict() for m, r in evaluate_engine(make_model, data, reader_factory, kinds).items()
+            m: r.to_dict()
+            for m, r in evaluate_engine(make_model, data, reader_factory, kinds, previous).items()
         },
     }
     make_base = registry_engine_factory(baseline) if baseline else None
@@ -618,21 +656,27 @@ def contour_grid(
     make_engine: EngineFactory,
     data: Mapping[str, list[list[PhantomFrame]]],
     path: Path,
+    *,
     per_modality: int = 6,
     tile: int = 256,
+    previous: Mapping[str, list[list[PhantomFrame | None]]] | None = None,
 ) -> Path:
     """A PNG grid: one row per modality; each tile a frame with true (green instrument / cyan target) and
-    predicted (red instrument / yellow target) contours, the true tip (green dot) and predicted tip (red)."""
+    predicted (red instrument / yellow target) contours, the true tip (green dot) and predicted tip (red).
+    ``previous`` as in :func:`evaluate_engine` (a temporal model sees each tile's previous frame first)."""
     reader_factory, _ = geometry_reader_factory()
     rows = []
     for modality, seqs in data.items():
         engine = make_engine(modality)
         tiles = []
         try:
-            picks = [
-                seq[(k * 7) % len(seq)] for k, seq in zip(range(per_modality), _cycle(seqs), strict=False)
-            ]
-            for fr in picks:
+            picks = [(k % len(seqs), (k * 7) % len(seqs[k % len(seqs)])) for k in range(per_modality)]
+            for si, fi in picks:
+                fr = seqs[si][fi]
+                engine.reset()
+                prev = previous[modality][si][fi] if previous and modality in previous else None
+                if prev is not None:
+                    engine.infer(prev.image)
                 out = engine.infer(fr.image)
                 gray = (normalize(fr.image) * 255).astype(np.uint8)
                 canvas: npt.NDArray[np.uint8] = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), np.uint8)
@@ -665,8 +709,3 @@ def contour_grid(
     if not cv2.imwrite(str(path), grid):
         raise OSError(f"cannot write {path}")
     return path
-
-
-def _cycle(seqs: list[list[PhantomFrame]]) -> Iterable[list[PhantomFrame]]:
-    while True:
-        yield from seqs

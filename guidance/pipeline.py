@@ -3,6 +3,14 @@
 One inference worker is the single consumer of the frame slot. It always takes the newest frame, so a slow
 engine makes it skip frames (counted) instead of building a backlog; the display never waits for it because
 the UI paints the newest *frame* on its own and draws the newest *result* with its age.
+
+Successive frames the worker processes are one stream to the engine (a temporal model subtracts the
+previous frame) and to the interpreter (the tip filter). The worker starts a new stream, resetting both,
+before the first frame of a new connection (:meth:`InferenceWorker.start_stream`, called by the session on
+every (re)connect: a restarted replay, a scanner that came back), when the OpenIGTLink device name changes
+(another stream on the same connection) and after a gap of ``stream_gap_s`` without frames (a paused or
+frozen source: the last frame is no longer the previous one). A change of frame size or pixel type resets the
+engine's previous frame by itself.
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ LATENCY_NAMES = (
     "result_to_paint",
     "receive_to_paint",
 )
+
+
+#: Seconds without frames after which the next frame starts a new stream (its predecessor is too old to be
+#: "the previous frame" of a temporal model).
+STREAM_GAP_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,7 @@ class InferenceWorker:
         fallbacks: tuple[SegmentationEngine, ...] = (),
         step_down: StepDownPolicy | None = StepDownPolicy(),
         name: str = "guidance-inference",
+        stream_gap_s: float = STREAM_GAP_S,
     ) -> None:
         self.engine = engine
         self._fallbacks = list(fallbacks)
@@ -108,6 +122,13 @@ class InferenceWorker:
         self._last_dropped = 0
         self.rate = RateMeter(30)
         self._engine_label = engine.describe().label()
+        # Stream boundaries (see the module docstring). _stream_start is written by the receiver thread (one
+        # int store), the rest only by the worker.
+        self._stream_gap_ns = int(stream_gap_s * 1e9)
+        self._stream_start = 0
+        self._applied_start = -1
+        self._last_device: str | None = None
+        self._last_receive_ns = 0
 
     @property
     def engine_label(self) -> str:
@@ -152,6 +173,25 @@ class InferenceWorker:
             self._pending = engine
         self._changes.append(f"switching to {engine.describe().label()}: {reason}")
         logger.info("Engine swap requested: %s (%s)", engine.describe().label(), reason)
+
+    def start_stream(self, first_seq: int) -> None:
+        """Frames from ``first_seq`` on belong to a new stream; the worker resets the engine's and the
+        interpreter's temporal state before the first of them it processes (older frames still waiting in
+        the slot are processed as the end of the old stream). Any thread; frame ``seq`` must not decrease."""
+        self._stream_start = first_seq
+
+    def _new_stream(self, frame: Frame) -> bool:
+        """Whether ``frame`` starts a new stream (worker thread); records it as the stream's last frame."""
+        start = self._stream_start
+        new = frame.device != self._last_device or (
+            frame.receive_ns - self._last_receive_ns > self._stream_gap_ns
+        )
+        if start != self._applied_start and frame.seq >= start:
+            self._applied_start = start
+            new = True
+        self._last_device = frame.device
+        self._last_receive_ns = frame.receive_ns
+        return new
 
     def counters(self) -> WorkerCounters:
         return WorkerCounters(
@@ -202,8 +242,12 @@ class InferenceWorker:
                     self._use(pending)
             dropped = self._frames.dropped
             skipped, self._last_dropped = dropped - self._last_dropped, dropped
+            new_stream = self._new_stream(frame)
             t_start = time.perf_counter_ns()
             try:
+                if new_stream:
+                    self.engine.reset()
+                    self._interpreter.reset()
                 out = self.engine.infer(frame.pixels)
                 t_infer = time.perf_counter_ns()
                 interp = self._interpreter.update(

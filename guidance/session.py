@@ -107,6 +107,9 @@ class LiveSession:
         self._last_error = ""
         self._stale_paints = 0
         self._received = 0
+        # Set on each (re)connect, consumed by the next frame (both on the receiver thread): the worker
+        # starts a new stream there (a reconnected peer, a restarted replay: not the previous frame's stream).
+        self._stream_restarted = False
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -344,6 +347,10 @@ class LiveSession:
     # ------------------------------------------------------------------ receiver thread callbacks
     def _on_frame(self, frame: Frame) -> None:
         # Runs on the receiver thread: two reference stores, counters and one histogram bucket.
+        if self._stream_restarted:
+            self._stream_restarted = False
+            if self.worker is not None:
+                self.worker.start_stream(frame.seq)  # before the frame can reach the worker
         self.display.put(frame)
         self.frames.put(frame)
         self._received += 1
@@ -369,6 +376,7 @@ class LiveSession:
             self._last_error = f"connection lost: {event.reason}"
         elif event.state == "connected":
             self._last_error = ""
+            self._stream_restarted = True
 
     # ------------------------------------------------------------------ for the painter (GUI thread)
     def latest_frame(self) -> Frame | None:

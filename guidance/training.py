@@ -55,7 +55,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from engines.base import INSTRUMENT, TARGET
-from engines.models.preprocess import normalize
+from engines.models.preprocess import normalize, resize, temporal_input
 from engines.models.unet import (
     CardInfo,
     UNet,
@@ -158,6 +158,16 @@ class TrainConfig:
     # Train only what ``init_weights`` lacks (a new head) and keep the rest, BatchNorm statistics included,
     # exactly as loaded: a head added to a validated network then leaves its segmentation untouched.
     freeze_body: bool = False
+    # Temporal models (``model.in_channels`` 2): the second channel is the current frame minus the previous
+    # one (:func:`engines.models.preprocess.temporal_input`). The previous frame is 1..``max_frame_gap``
+    # frames back (a live stream drops frames when the model is slow), and with probability
+    # ``first_frame_fraction`` it is the frame itself: a stream's first frame, where the difference is 0.
+    max_frame_gap: int = 3
+    first_frame_fraction: float = 0.1
+
+    @property
+    def temporal(self) -> bool:
+        return self.model.in_channels == 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,7 +293,11 @@ def _u8(a: Any) -> npt.NDArray[np.uint8]:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One network-ready sample: image (H, W) float32 in [0, 1], labels uint8, tip heatmap float32."""
+    """One network-ready sample: image float32, labels uint8, tip heatmap float32.
+
+    ``image`` is ``(H, W)`` in [0, 1] for a single-frame model, or ``(2, H, W)`` for a temporal one:
+    the current plane and its difference from the previous frame's (:func:`temporal_input`).
+    """
 
     image: npt.NDArray[np.float32]
     labels: npt.NDArray[np.uint8]
@@ -303,26 +317,55 @@ def tip_heatmap(
     return out
 
 
-def frame_to_sample(frame: PhantomFrame, size: int, sigma: float) -> Sample:
-    """A phantom frame at the network input size (no augmentation): what validation/evaluation see."""
-    img = normalize(frame.image)
+def _plane(frame: PhantomFrame, size: int) -> npt.NDArray[np.float32]:
+    """The frame's normalised plane at the network input size (the engines' arithmetic)."""
+    return resize(normalize(frame.image), size, size)
+
+
+def frame_to_sample(
+    frame: PhantomFrame,
+    size: int,
+    sigma: float,
+    *,
+    temporal: bool = False,
+    previous: PhantomFrame | None = None,
+) -> Sample:
+    """A phantom frame at the network input size (no augmentation): what validation/evaluation see.
+
+    ``temporal``: a two-channel sample with ``previous`` as the previous frame (None: a stream's first).
+    """
+    img = _plane(frame, size)
     lab = frame.labels
     h, w = lab.shape
     tip = frame.tip_px
     if (h, w) != (size, size):
-        img = _f32(
-            cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if h > size else cv2.INTER_LINEAR)
-        )
         lab = _u8(cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST))
         if tip is not None:
             tip = (tip[0] * size / w, tip[1] * size / h)
+    if temporal:
+        img = temporal_input(img, None if previous is None else _plane(previous, size))
     return Sample(img.astype(np.float32), lab.astype(np.uint8), tip_heatmap((size, size), tip, sigma))
 
 
-def augment(frame: PhantomFrame, rng: np.random.Generator, cfg: TrainConfig) -> Sample:
-    """Augmented crop of ``frame`` (geometry + intensity), ``cfg.crop`` square."""
+def augment(
+    frame: PhantomFrame,
+    rng: np.random.Generator,
+    cfg: TrainConfig,
+    previous: PhantomFrame | None = None,
+    *,
+    temporal: bool = False,
+) -> Sample:
+    """Augmented crop of ``frame`` (geometry + intensity), ``cfg.crop`` square.
+
+    ``temporal`` makes a two-channel sample; with ``previous`` the previous frame gets the same geometry, crop and intensity
+    transform and noise of the same strength but its own draw (noise is independent from frame to frame),
+    and the sample is ``temporal_input`` of the two; without it (a stream's first frame) the difference is
+    0. A single-frame sample takes exactly the random draws it took before temporal models existed, so
+    earlier runs reproduce.
+    """
     base = frame_to_sample(frame, cfg.image_size, cfg.tip_sigma_px)
     img, lab = base.image, base.labels
+    prev = _plane(previous, cfg.image_size) if previous is not None else None
     size = cfg.image_size
     tip = frame.tip_px
     if tip is not None:
@@ -340,6 +383,8 @@ def augment(frame: PhantomFrame, rng: np.random.Generator, cfg: TrainConfig) -> 
         m = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, size - 1.0]]) @ np.vstack([m, [0.0, 0.0, 1.0]])
     border = float(rng.uniform(0.0, 0.05))
     img = _f32(cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=border))
+    if prev is not None:
+        prev = _f32(cv2.warpAffine(prev, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=border))
     lab = _u8(cv2.warpAffine(lab, m, (size, size), flags=cv2.INTER_NEAREST, borderValue=0))
     if tip is not None:
         tx, ty = m @ np.array([tip[0], tip[1], 1.0])
@@ -371,24 +416,31 @@ def augment(frame: PhantomFrame, rng: np.random.Generator, cfg: TrainConfig) -> 
         x0 = min(max(cx - c // 2, 0), size - c)
         img = img[y0 : y0 + c, x0 : x0 + c]
         lab = lab[y0 : y0 + c, x0 : x0 + c]
+        if prev is not None:
+            prev = prev[y0 : y0 + c, x0 : x0 + c]
         if tip is not None:
             tip = (tip[0] - x0, tip[1] - y0)
     if tip is not None and not bool(np.any(lab == INSTRUMENT)):
         tip = None
 
-    # Intensity: gain, gamma, offset, blur, noise.
-    img = np.clip(img, 0.0, 1.0)
-    img = img ** np.float32(np.exp(rng.uniform(math.log(0.7), math.log(1.5))))
-    img = img * np.float32(rng.uniform(0.7, 1.3)) + np.float32(rng.uniform(-0.06, 0.06))
+    # Intensity: gain, gamma, offset, blur, noise (one draw of each setting for both frames).
+    planes = [img] if prev is None else [img, prev]
+    gamma = np.float32(np.exp(rng.uniform(math.log(0.7), math.log(1.5))))
+    gain, offset = np.float32(rng.uniform(0.7, 1.3)), np.float32(rng.uniform(-0.06, 0.06))
+    planes = [np.clip(q, 0.0, 1.0) ** gamma * gain + offset for q in planes]
     if rng.uniform() < 0.3:
-        img = _f32(cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.4, 1.2))))
+        sigma = float(rng.uniform(0.4, 1.2))
+        planes = [_f32(cv2.GaussianBlur(q, (0, 0), sigma)) for q in planes]
     if rng.uniform() < 0.5:
-        img = img * (1.0 + rng.normal(0.0, rng.uniform(0.02, 0.15), img.shape)).astype(np.float32)
+        sd = rng.uniform(0.02, 0.15)
+        planes = [q * (1.0 + rng.normal(0.0, sd, q.shape)).astype(np.float32) for q in planes]
     if rng.uniform() < 0.5:
-        img = img + rng.normal(0.0, rng.uniform(0.005, 0.04), img.shape).astype(np.float32)
-    img = np.clip(img, 0.0, 1.0).astype(np.float32)
+        sd = rng.uniform(0.005, 0.04)
+        planes = [q + rng.normal(0.0, sd, q.shape).astype(np.float32) for q in planes]
+    planes = [np.clip(q, 0.0, 1.0).astype(np.float32) for q in planes]
+    out = temporal_input(planes[0], planes[1] if prev is not None else None) if temporal else planes[0]
     return Sample(
-        np.ascontiguousarray(img), np.ascontiguousarray(lab), tip_heatmap(lab.shape, tip, cfg.tip_sigma_px)
+        np.ascontiguousarray(out), np.ascontiguousarray(lab), tip_heatmap(lab.shape, tip, cfg.tip_sigma_px)
     )
 
 
@@ -462,33 +514,52 @@ class PhantomSampler:
         size = self.cfg.image_size
         return make_phantom(modality, seed=seed, width=size, height=size, **overrides)
 
-    def _frame(self) -> PhantomFrame:
+    def _frame(self) -> tuple[PhantomFrame, PhantomFrame | None]:
+        """A frame and, for a temporal model, its previous frame (None on a stream's first frame)."""
         want_needle = self.rng.uniform() < self.cfg.needle_fraction
-        frame = None
+        frame, phantom, index = None, None, 0
         for _ in range(6):
             phantom = self.pool[int(self.rng.integers(len(self.pool)))]
-            frame = phantom.frame(int(self.rng.integers(FRAMES_PER_SEQUENCE)))
+            index = int(self.rng.integers(FRAMES_PER_SEQUENCE))
+            frame = phantom.frame(index)
             if frame.instrument_present == want_needle:
                 break
         assert frame is not None
+        assert phantom is not None
         out: PhantomFrame = frame
-        return out
+        if not self.cfg.temporal:
+            return out, None
+        if index == 0 or self.rng.uniform() < self.cfg.first_frame_fraction:
+            return out, None
+        gap = int(self.rng.integers(1, self.cfg.max_frame_gap + 1))
+        prev: PhantomFrame = phantom.frame(max(index - gap, 0))
+        return out, prev
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(images (B,1,c,c) float32, labels (B,c,c) int64, tip heatmaps (B,1,c,c) float32)``."""
-        samples = [augment(self._frame(), self.rng, self.cfg) for _ in range(self.cfg.batch_size)]
+        """``(images (B,C,c,c) float32, labels (B,c,c) int64, tip heatmaps (B,1,c,c) float32)``."""
+        samples = [
+            augment(frame, self.rng, self.cfg, previous=prev, temporal=self.cfg.temporal)
+            for frame, prev in (self._frame() for _ in range(self.cfg.batch_size))
+        ]
         self.batches += 1
         if self.cfg.refresh_every > 0 and self.batches % self.cfg.refresh_every == 0:
             self.pool[int(self.rng.integers(len(self.pool)))] = self._new_sequence()
             self.sequences_used += 1
-        x = torch.from_numpy(np.stack([s.image for s in samples])[:, None])
-        y = torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.int64))
-        t = torch.from_numpy(np.stack([s.tip for s in samples])[:, None])
-        return x, y, t
+        return collate(samples)
+
+
+def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples -> ``(images (B,C,H,W), labels (B,H,W) int64, tip heatmaps (B,1,H,W))``."""
+    images = np.stack([s.image for s in samples])
+    x = torch.from_numpy(images[:, None] if images.ndim == 3 else images)
+    y = torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.int64))
+    t = torch.from_numpy(np.stack([s.tip for s in samples])[:, None])
+    return x, y, t
 
 
 def validation_set(cfg: TrainConfig, modalities: Sequence[str]) -> list[Sample]:
-    """Fixed validation frames (seeds from :data:`VALIDATION_SEED_BASE`, never trained on)."""
+    """Fixed validation frames (seeds from :data:`VALIDATION_SEED_BASE`, never trained on); a temporal
+    model's previous frame is the one just before (a live stream at full rate)."""
     out = []
     for mi, m in enumerate(modalities):
         for k in range(cfg.val_sequences):
@@ -497,7 +568,16 @@ def validation_set(cfg: TrainConfig, modalities: Sequence[str]) -> list[Sample]:
             )
             step = FRAMES_PER_SEQUENCE // max(cfg.val_frames_per_sequence, 1)
             for j in range(cfg.val_frames_per_sequence):
-                out.append(frame_to_sample(ph.frame(j * step + 7), cfg.image_size, cfg.tip_sigma_px))
+                index = j * step + 7
+                out.append(
+                    frame_to_sample(
+                        ph.frame(index),
+                        cfg.image_size,
+                        cfg.tip_sigma_px,
+                        temporal=cfg.temporal,
+                        previous=ph.frame(index - 1) if cfg.temporal else None,
+                    )
+                )
     return out
 
 
@@ -626,7 +706,7 @@ def validate(
     right = 0
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        x = torch.from_numpy(np.stack([s.image for s in chunk])[:, None]).to(device)
+        x = collate(chunk)[0].to(device)
         true = np.stack([s.labels for s in chunk])
         if with_presence:
             assert isinstance(model, UNet)
@@ -649,14 +729,27 @@ def validate(
     return out
 
 
+#: The network's first convolution (input channels -> the first width).
+_FIRST_CONV = "stem.0.0.weight"
+
+
 def load_initial_weights(model: UNet, path: str) -> list[str]:
     """Load ``path`` into ``model``; returns the parameter names it lacked (a head new to this run).
 
     Only a missing presence head is accepted (it starts from its own initialisation); any other mismatch
-    is a :class:`TrainingError`.
+    is a :class:`TrainingError`. Single-frame weights load into a temporal model: the first convolution's
+    weights for the new difference channel start at zero, so the temporal model starts out computing
+    exactly what the single-frame one did (the difference channel then learns from there).
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        own = model.state_dict()
+        key = _FIRST_CONV
+        if key in state and key in own and state[key].shape[1] < own[key].shape[1]:
+            w = torch.zeros_like(own[key])
+            w[:, : state[key].shape[1]] = state[key]
+            state[key] = w
+            logger.info("%s: new input channels of %s start at zero", path, key)
         result = model.load_state_dict(state, strict=False)
     except (OSError, RuntimeError, ValueError) as exc:  # shape mismatches are RuntimeErrors
         first = str(exc).strip().splitlines()

@@ -114,6 +114,9 @@ class ClassicalEngine:
         rng = np.random.default_rng(0)
         self.infer(rng.integers(0, 255, size=(128, 128), dtype=np.uint8))
 
+    def reset(self) -> None:
+        """Nothing to forget: every frame is segmented on its own."""
+
     def describe(self) -> EngineInfo:
         return EngineInfo(
             backend="classical",

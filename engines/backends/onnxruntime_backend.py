@@ -239,12 +239,18 @@ class OnnxRuntimeEngine:
         shape = inputs[0].shape
         if len(shape) == 4 and all(isinstance(s, int) for s in shape[2:]) and tuple(shape[2:]) != (h, w):
             raise EngineError(f"model {card.name}: ONNX input {shape} disagrees with card input {h}x{w}")
+        if len(shape) == 4 and isinstance(shape[1], int) and shape[1] != card.channels:
+            raise EngineError(
+                f"model {card.name}: ONNX input {shape} has {shape[1]} channels, "
+                f"the card says {card.channels}"
+            )
         pre = Preprocessor(
             (h, w),
             card.channels,
             card.normalization,
             self._geometry,
             single_region_classes=card.single_region_classes,
+            temporal=card.temporal,
         )
         self._labels = np.zeros((1, h, w), dtype=np.uint8)
         self._prob = np.zeros((1, h, w), dtype=np.float32)
@@ -272,6 +278,12 @@ class OnnxRuntimeEngine:
         frame = np.zeros(card.input_hw, dtype=np.uint8)
         for _ in range(3):
             self.infer(frame)
+        self.reset()  # warm-up frames are not the previous frame of the first real one
+
+    def reset(self) -> None:
+        """Forget the previous frame (temporal models); a no-op before ``load()``."""
+        if self._pre is not None:
+            self._pre.reset()
 
     def _require(self) -> tuple[ModelCard, Preprocessor]:
         if self._card is None or self._pre is None:

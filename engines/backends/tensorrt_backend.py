@@ -589,6 +589,7 @@ class _TrtRunner:
             geometry,
             out=self.host[self.inputs[0]],
             single_region_classes=card.single_region_classes,
+            temporal=card.temporal,
         )
         self._use_graph = use_graph
         self._graph_exec: Any = None
@@ -713,6 +714,12 @@ class TensorRTEngine:
         for _ in range(3):
             runner.pre.prepare(np.zeros(self._card.input_hw, dtype=np.uint8))
             runner.run()
+        self.reset()  # warm-up frames are not the previous frame of the first real one
+
+    def reset(self) -> None:
+        """Forget the previous frame (temporal models); a no-op before ``load()``."""
+        if self._runner is not None:
+            self._runner.pre.reset()
 
     def _require(self) -> _TrtRunner:
         if self._runner is None:

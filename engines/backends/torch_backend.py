@@ -185,6 +185,7 @@ class TorchEngine:
                 self._geometry,
                 out=self._host_in.numpy(),
                 single_region_classes=card.single_region_classes,
+                temporal=card.temporal,
             )
             dtype = torch.float16 if self._optimize else torch.float32
             fmt = torch.channels_last if self._optimize else torch.contiguous_format
@@ -200,6 +201,7 @@ class TorchEngine:
                 card.normalization,
                 self._geometry,
                 single_region_classes=card.single_region_classes,
+                temporal=card.temporal,
             )
             self._label = f"cpu ({torch.get_num_threads()} threads)"
         self._card = card
@@ -245,6 +247,12 @@ class TorchEngine:
                 self._capture()
         for _ in range(2):
             self.infer(frame)
+        self.reset()  # warm-up frames are not the previous frame of the first real one
+
+    def reset(self) -> None:
+        """Forget the previous frame (temporal models); a no-op before ``load()``."""
+        if self._pre is not None:
+            self._pre.reset()
 
     def _capture(self) -> None:
         """Capture network + argmax + softmax as one CUDA graph reading the static input."""

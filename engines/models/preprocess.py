@@ -13,6 +13,12 @@ Normalisation (``NORMALIZATION_ID`` = ``"uint8/255;uint16:p0.5-p99.5;float:clip0
 The result is resized (area interpolation when shrinking, linear when enlarging) to the model's
 ``(height, width)`` and returned as a contiguous ``(1, 1, height, width)`` float32 NCHW array. Label maps
 are resized back to the frame with nearest-neighbour (:func:`labels_to_frame`).
+
+Temporal models (card ``input.channel_meaning`` = :data:`TEMPORAL_CHANNELS`) take a second channel: the
+current plane minus the previous frame's plane of the same stream, both normalised and resized as above
+(:func:`temporal_input`). It is zero on a stream's first frame, so there the network sees what a
+single-frame model sees. A needle advances between frames and the tissue around it does not (or moves with
+the whole image); a needle-like distractor line does not advance.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import numpy.typing as npt
 NORMALIZATION_ID = "uint8/255;uint16:p0.5-p99.5;float:clip01"
 PERCENTILE_LOW = 0.5
 PERCENTILE_HIGH = 99.5
+#: ``input.channel_meaning`` of single-frame and of temporal models.
+SINGLE_FRAME_CHANNELS: tuple[str, ...] = ("current frame",)
+TEMPORAL_CHANNELS: tuple[str, ...] = ("current frame", "current frame minus previous frame")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -73,6 +82,20 @@ def to_input(image: npt.NDArray[np.generic], height: int, width: int) -> npt.NDA
     """Raw frame pixels -> contiguous ``(1, 1, height, width)`` float32 network input."""
     plane = resize(normalize(image), height, width)
     return np.ascontiguousarray(plane[np.newaxis, np.newaxis], dtype=np.float32)
+
+
+def temporal_input(
+    current: npt.NDArray[np.float32], previous: npt.NDArray[np.float32] | None
+) -> npt.NDArray[np.float32]:
+    """Two network-resolution planes (normalised, resized) -> contiguous ``(2, H, W)`` float32:
+    ``[current, current - previous]``; the difference is zero when ``previous`` is None (first frame)."""
+    out = np.empty((2, *current.shape), dtype=np.float32)
+    out[0] = current
+    if previous is None:
+        out[1] = 0.0
+    else:
+        np.subtract(current, previous, out=out[1])
+    return out
 
 
 def labels_to_frame(labels: npt.NDArray[np.generic], height: int, width: int) -> npt.NDArray[np.uint8]:

@@ -46,7 +46,13 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from engines.base import CLASS_NAMES
-from engines.models.preprocess import NORMALIZATION_ID, PERCENTILE_HIGH, PERCENTILE_LOW
+from engines.models.preprocess import (
+    NORMALIZATION_ID,
+    PERCENTILE_HIGH,
+    PERCENTILE_LOW,
+    SINGLE_FRAME_CHANNELS,
+    TEMPORAL_CHANNELS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,8 @@ class UNetConfig:
     """Architecture hyper-parameters (stored in the model card so a checkpoint can be rebuilt).
 
     Attributes:
-        in_channels: 1 (current frame only).
+        in_channels: 1 (current frame only) or 2 (a temporal model: the current frame and its difference
+            from the previous frame, :data:`engines.models.preprocess.TEMPORAL_CHANNELS`).
         num_classes: 3 (background, instrument, target).
         widths: channels per resolution level, full resolution first; one level per entry, each next
             level at half the resolution of the previous one.
@@ -94,6 +101,15 @@ class UNetConfig:
             tip_head=bool(data.get("tip_head", True)),
             presence_head=bool(data.get("presence_head", False)),
         )
+
+
+def channel_meaning(config: UNetConfig) -> tuple[str, ...]:
+    """The card's ``input.channel_meaning`` for ``config`` (a clear error for an input it cannot say)."""
+    if config.in_channels == 1:
+        return SINGLE_FRAME_CHANNELS
+    if config.in_channels == 2:
+        return TEMPORAL_CHANNELS
+    raise ValueError(f"no channel meaning for {config.in_channels} input channels (1 or 2)")
 
 
 #: A tiny configuration for tests (fast to build, run and export).
@@ -522,7 +538,7 @@ def write_model_card(
             "height": height,
             "width": width,
             "channels": config.in_channels,
-            "channel_meaning": ["current frame"],
+            "channel_meaning": list(channel_meaning(config)),
             "layout": "NCHW",
             "dtype": "float32",
             "shape": [1, config.in_channels, height, width],

@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         factory = evaluation.registry_engine_factory(
             args.engine, **({"model": args.model} if args.model else {})
         )
-        evaluation.contour_grid(factory, evaluation.heldout_sequences(cfg), args.grid)
+        previous = (
+            evaluation.heldout_previous_frames(cfg) if evaluation.model_is_temporal(args.model) else None
+        )
+        evaluation.contour_grid(factory, evaluation.heldout_sequences(cfg), args.grid, previous=previous)
     for line in evaluation.summary_lines(report):
         sys.stderr.write(line + "\n")
     sys.stderr.write(f"report written to {args.json}\n")

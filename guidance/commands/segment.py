@@ -6,6 +6,8 @@ name), one of our recordings (``.mcap``) or a PLUS/Slicer sequence file (``.igs.
 class index, same size as the input) and ``<name>.json`` (instrument present, tip in px and mm, axis angle,
 target centroid and area, tip-to-target distance, confidence), and a ``results.json`` with all frames.
 Frames of one input go through one :class:`guidance.interpretation.Interpreter` in order, as in the app.
+A recording or sequence file is one stream to the engine (a temporal model sees each frame's predecessor);
+the images of a folder are segmented each on its own (see :func:`iter_input`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class InputFrame:
     pixels: npt.NDArray[np.generic]
     spacing_mm: tuple[float, float]
     time_s: float
+    #: The engine forgets the previous frame before this one (``engine.reset()``).
+    new_stream: bool = False
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,13 +91,19 @@ def _lower(path: Path) -> str:
 
 def iter_input(path: Path, spacing: tuple[float, float] | None, fps: float) -> Iterator[InputFrame]:
     """Frames of ``path`` in order (see the module docstring for what ``path`` may be)."""
+    from guidance.pipeline import STREAM_GAP_S
+
     sp = spacing or (1.0, 1.0)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        # Each image is a stream of its own: a folder may hold unrelated images, and a temporal model given
+        # the difference from an unrelated image can invent or hide an instrument, while a zero difference
+        # is the first-frame input it was trained on (at worst single-frame quality). A sequence exported
+        # as images keeps its temporal context only as a recording or sequence file.
         for i, f in enumerate(files):
-            yield InputFrame(f.stem, _read_image(f), sp, i / fps)
+            yield InputFrame(f.stem, _read_image(f), sp, i / fps, new_stream=True)
         return
     if not path.exists():
         raise ValueError(f"{path} does not exist")
@@ -103,23 +113,31 @@ def iter_input(path: Path, spacing: tuple[float, float] | None, fps: float) -> I
 
         reader = RecordingReader(path).open()
         t0: float | None = None
+        last: tuple[str, float] | None = None  # device and receive time of the previous frame
         for fr in reader.frames():
             t0 = fr.receive_ns / 1e9 if t0 is None else t0
-            yield InputFrame(
-                f"frame_{fr.seq:05d}", fr.pixels, spacing or fr.spacing_mm, fr.receive_ns / 1e9 - t0
-            )
+            t = fr.receive_ns / 1e9 - t0
+            # One stream per device and without gaps, as the live pipeline decides.
+            new = last is None or fr.device != last[0] or t - last[1] > STREAM_GAP_S
+            last = (fr.device, t)
+            yield InputFrame(f"frame_{fr.seq:05d}", fr.pixels, spacing or fr.spacing_mm, t, new_stream=new)
         return
     if name.endswith(SEQUENCE_SUFFIXES):
         from streaming.sequence import read_sequence
 
         seq = read_sequence(path)
         ts = np.asarray(seq.timestamps, dtype=np.float64)
+        t_prev = 0.0
         for i in range(len(seq.frames)):
             t = float(ts[i] - ts[0]) if len(ts) == len(seq.frames) else i / fps
-            yield InputFrame(f"frame_{i:05d}", np.asarray(seq.frames[i]), spacing or seq.spacing, t)
+            new = i == 0 or t - t_prev > STREAM_GAP_S
+            t_prev = t
+            yield InputFrame(
+                f"frame_{i:05d}", np.asarray(seq.frames[i]), spacing or seq.spacing, t, new_stream=new
+            )
         return
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        yield InputFrame(path.stem, _read_image(path), sp, 0.0)
+        yield InputFrame(path.stem, _read_image(path), sp, 0.0, new_stream=True)
         return
     raise ValueError(f"unsupported input {path}: not an image, folder, recording or sequence file")
 
@@ -198,6 +216,8 @@ def segment(
         engine.warm_up()
         info = engine.describe()
         for fr in iter_input(input_path, spacing, fps):
+            if fr.new_stream:
+                engine.reset()
             out = engine.infer(fr.pixels)
             labels = np.ascontiguousarray(out.labels, dtype=np.uint8)
             interp = interpreter.update(labels, fr.spacing_mm, fr.time_s, out.instrument_prob)

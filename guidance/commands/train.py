@@ -87,6 +87,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="train only what the --init weights lack (a new presence head); keep the rest as loaded",
     )
+    p.add_argument(
+        "--temporal",
+        action="store_true",
+        default=None,
+        help="a second input channel: the current frame minus the previous one (single-frame --init "
+        "weights load with that channel's weights at zero)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -140,8 +147,13 @@ def train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
         }.items()
         if v is not None
     }
+    model = base.model
     if args.presence_head:
-        overrides["model"] = dataclasses.replace(base.model, presence_head=True)
+        model = dataclasses.replace(model, presence_head=True)
+    if args.temporal:
+        model = dataclasses.replace(model, in_channels=2)
+    if model != base.model:
+        overrides["model"] = model
     return dataclasses.replace(
         base, modalities=modalities, minutes=args.minutes, steps=args.steps, seed=args.seed, **overrides
     )

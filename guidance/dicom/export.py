@@ -209,6 +209,7 @@ def _segment(
     n = len(images)
     first = images[0] if isinstance(images, np.ndarray) else images[0].pixels
     out = np.zeros((n, int(first.shape[0]), int(first.shape[1])), np.uint8)
+    engine.reset()  # the frames are one stream, not the continuation of what the engine saw before
     for i in range(n):
         img = images[i] if isinstance(images, np.ndarray) else images[i].pixels
         out[i] = engine.infer(np.asarray(img)).labels

@@ -92,3 +92,54 @@ def test_eng_card_postprocess_names_foreground_classes(tiny_model: Path, tmp_pat
     card_path.write_text(json.dumps(data))
     with pytest.raises(ModelAssetError, match="not foreground classes"):
         load_model_card(card_path)
+
+
+def _with_input(card_path: Path, **fields: object) -> Path:
+    data = json.loads(card_path.read_text())
+    for key, value in fields.items():
+        if value is None:
+            data["input"].pop(key, None)
+        else:
+            data["input"][key] = value
+    card_path.write_text(json.dumps(data))
+    return card_path
+
+
+def test_eng_card_channel_meaning_says_whether_the_model_is_temporal(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from engines.models.preprocess import SINGLE_FRAME_CHANNELS, TEMPORAL_CHANNELS
+
+    card_path = _copy(tiny_model, tmp_path)
+    card = load_model_card(card_path)
+    assert (card.channels, card.temporal) == (1, False)
+    _with_input(card_path, channels=2, channel_meaning=list(TEMPORAL_CHANNELS))
+    card = load_model_card(card_path)
+    assert (card.channels, card.temporal) == (2, True)
+    _with_input(card_path, channels=1, channel_meaning=list(SINGLE_FRAME_CHANNELS))
+    assert not load_model_card(card_path).temporal
+    _with_input(card_path, channels=3, channel_meaning=None)  # older cards: the frame in every channel
+    card = load_model_card(card_path)
+    assert (card.channels, card.temporal) == (3, False)
+
+
+@pytest.mark.parametrize(
+    ("channels", "meaning"),
+    [
+        (2, ["current frame", "previous frame"]),
+        (1, ["current frame", "current frame minus previous frame"]),
+        (2, ["current frame"]),
+        (1, "current frame"),
+    ],
+)
+def test_eng_card_with_an_unknown_channel_meaning_is_refused(
+    tiny_model: Path, tmp_path: Path, channels: int, meaning: object
+) -> None:
+    card_path = _with_input(_copy(tiny_model, tmp_path), channels=channels, channel_meaning=meaning)
+    with pytest.raises(ModelAssetError) as info:
+        load_model_card(card_path)
+    msg = str(info.value)
+    assert str(card_path) in msg
+    assert "understands only ['current frame'] with 1 channel" in msg
+    assert "['current frame', 'current frame minus previous frame'] with 2 channels" in msg
+    assert "\n" not in msg

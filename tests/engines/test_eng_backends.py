@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from engines import assets, registry
 from engines.assets import make_random_model
 from engines.backends import onnxruntime_backend, tensorrt_backend, torch_backend
-from engines.base import EngineUnavailable, SegmentationEngine
+from engines.base import EngineError, EngineUnavailable, SegmentationEngine
+from engines.models import preprocess as model_pre
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
@@ -203,3 +206,140 @@ def test_eng_presence_score_and_gate_agree_across_backends(tmp_path: Path) -> No
                 assert (a.labels == b.labels).mean() >= 0.999
         instrument = sum(int((r.labels == 1).sum()) for r in ref)
         assert (instrument > 0) if name == "open" else (instrument == 0)
+
+
+# ---------------------------------------------------------------------------------------- temporal models
+@pytest.fixture(scope="module")
+def temporal_card(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random 2-channel network exported with a temporal card (ONNX + card + state dict)."""
+    if not HAS_TORCH:
+        pytest.skip("torch not installed")
+    import dataclasses
+
+    import torch
+
+    from engines.models import unet
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(3)
+        model = unet.build_model(dataclasses.replace(unet.TINY_CONFIG, in_channels=2)).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    d = tmp_path_factory.mktemp("temporal")
+    _, card = unet.export_model_asset(
+        model, d, unet.CardInfo(name="temporal", version="0"), height=64, width=64
+    )
+    data = json.loads(card.read_text())
+    data["input"]["channel_meaning"] = list(model_pre.TEMPORAL_CHANNELS)
+    card.write_text(json.dumps(data))
+    torch.save(model.state_dict(), card.with_suffix(".pt"))
+    return card
+
+
+def _temporal_reference(
+    card: Path, current: np.ndarray, previous: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and instrument probability at the frame's size: the torch network run on
+    ``temporal_input`` of the training preprocessing, resized back as the training code does."""
+    import torch
+
+    from engines.models import unet
+
+    arch: Any = json.loads(card.read_text())["architecture"]["config"]
+    model = unet.build_model(arch)
+    model.load_state_dict(torch.load(card.with_suffix(".pt"), weights_only=True))
+    model.eval()
+    prev = None if previous is None else model_pre.to_input(previous, 64, 64)[0, 0]
+    x = model_pre.temporal_input(model_pre.to_input(current, 64, 64)[0, 0], prev)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x[np.newaxis]))
+    labels = torch.argmax(logits, dim=1).to(torch.uint8).numpy()[0]
+    prob = torch.softmax(logits, dim=1)[0, 1].numpy()
+    h, w = current.shape[:2]
+    return model_pre.labels_to_frame(labels, h, w), model_pre.prob_to_frame(prob, h, w)
+
+
+def _stream(dtype: type = np.uint8, shape: tuple[int, int] = (64, 64)) -> list[np.ndarray]:
+    """Three frames of one stream: a needle-like line advancing over noise."""
+    rng = np.random.default_rng(11)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    top = 4000 if dtype is np.uint16 else 255
+    out = []
+    for i in range(3):
+        img = rng.integers(0, top // 3, size=shape) + (top // 2) * (np.abs(yy - 0.5 * xx - 5 - 6 * i) < 2)
+        out.append(img.astype(dtype))
+    return out
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda card: onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu"),
+        lambda card: torch_backend.TorchEngine(card, device="cpu", optimize=False),
+        lambda card: torch_backend.TorchEngine(card, device="cpu"),
+    ],
+    ids=["onnxruntime", "torch-eager", "torch"],
+)
+def test_eng_temporal_model_sees_the_previous_frame_until_reset(make: Any, temporal_card: Path) -> None:
+    """Each frame is segmented as the network does on ``temporal_input(current, previous)``. A stream's
+    first frame has a zero difference: the first after warm-up (whose frames have the same size and type as
+    these), the first after ``reset()``, and the first of another frame size (uint16, resized)."""
+    a, b, c = _stream()
+    d, e, _ = _stream(np.uint16, (80, 100))
+    engine: SegmentationEngine = make(temporal_card)
+    engine.load()
+    try:
+        engine.warm_up()
+        got = [engine.infer(f) for f in (a, b, c)]
+        engine.reset()
+        got += [engine.infer(f) for f in (b, d, e)]
+    finally:
+        engine.close()
+    pairs = [(a, None), (b, a), (c, b), (b, None), (d, None), (e, d)]
+    want = [_temporal_reference(temporal_card, cur, prev) for cur, prev in pairs]
+    for out, (labels, prob) in zip(got, want, strict=True):
+        assert out.instrument_prob is not None
+        assert out.labels.shape == labels.shape
+        assert (out.labels == labels).mean() >= 0.999
+        np.testing.assert_allclose(out.instrument_prob, prob, atol=1e-4)
+    # The difference channel matters: b after a is not b on its own.
+    assert np.abs(want[1][1] - want[3][1]).max() > 1e-3
+
+
+def test_eng_single_frame_model_keeps_no_state_between_frames(model_dir: Path) -> None:
+    a, b, _ = _stream()
+    engine = onnxruntime_backend.OnnxRuntimeEngine(model_dir / "labels.json", device="cpu")
+    engine.load()
+    try:
+        engine.warm_up()
+        fresh = engine.infer(b)
+        engine.infer(a)
+        after_a = engine.infer(b)
+        engine.reset()
+        after_reset = engine.infer(b)
+    finally:
+        engine.close()
+    for out in (after_a, after_reset):
+        np.testing.assert_array_equal(out.labels, fresh.labels)
+        assert out.instrument_prob is not None
+        assert fresh.instrument_prob is not None
+        np.testing.assert_array_equal(out.instrument_prob, fresh.instrument_prob)
+
+
+@needs_torch
+def test_eng_card_channels_must_match_the_onnx_input(model_dir: Path, tmp_path: Path) -> None:
+    """A temporal card beside a single-frame ONNX file is refused at load, saying both channel counts."""
+    import shutil
+
+    for suffix in (".onnx", ".pt"):
+        shutil.copy(model_dir / f"labels{suffix}", tmp_path / f"labels{suffix}")
+    data = json.loads((model_dir / "labels.json").read_text())
+    data["input"].update(channels=2, channel_meaning=list(model_pre.TEMPORAL_CHANNELS))
+    (tmp_path / "labels.json").write_text(json.dumps(data))
+    engine = onnxruntime_backend.OnnxRuntimeEngine(tmp_path / "labels.json", device="cpu")
+    with pytest.raises(EngineError, match="has 1 channels, the card says 2"):
+        engine.load()
+    engine.close()

@@ -160,3 +160,86 @@ def test_single_region_classes_apply_to_restored_labels() -> None:
     out = pre.restore_labels(net)
     assert out.shape == (32, 32)
     assert (out == TARGET).sum() == 12 * 12  # the island is gone, the main region upsampled
+
+
+# ---------------------------------------------------------------------------------------- temporal input
+def _reference_plane(img: np.ndarray, hw: tuple[int, int] = (64, 64)) -> np.ndarray:
+    return model_pre.to_input(img, *hw)[0, 0]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [(np.uint8, (64, 64)), (np.uint16, (64, 64)), (np.uint8, (120, 80)), (np.uint16, (40, 50))],
+)
+def test_eng_temporal_prepare_matches_reference_temporal_input(dtype: type, shape: tuple[int, int]) -> None:
+    """Channel 0 is the training plane, channel 1 the plane minus the previous frame's, as
+    ``engines.models.preprocess.temporal_input`` defines them (uint16 percentile rule, resize included)."""
+    frames = [_frame(*shape, dtype=dtype, seed=s) for s in (0, 1, 2)]
+    pre = Preprocessor((64, 64), 2, PCT, temporal=True)
+    previous = None
+    for img in frames:
+        got = pre.prepare(img)
+        current = _reference_plane(img)
+        want = model_pre.temporal_input(current, previous)
+        assert got.shape == (1, *want.shape) == (1, 2, 64, 64)
+        np.testing.assert_allclose(got[0], want, atol=1e-6)
+        previous = current
+
+
+def test_eng_temporal_difference_is_zero_on_first_frame_after_reset_and_on_new_geometry() -> None:
+    pre = Preprocessor((32, 32), 2, PCT, temporal=True)
+    a, b, c = (_frame(48, 48, seed=s) for s in (0, 1, 2))
+    t = pre.prepare(a)
+    assert not t[0, 1].any(), "first frame of a stream: zero difference"
+    plane_a = t[0, 0].copy()
+    t = pre.prepare(b)
+    np.testing.assert_array_equal(t[0, 1], t[0, 0] - plane_a)
+    assert np.abs(t[0, 1]).max() > 0.1
+    pre.reset()
+    t = pre.prepare(c)
+    assert not t[0, 1].any(), "reset(): the next frame is a first frame"
+    np.testing.assert_allclose(t[0, 0], _reference_plane(c, (32, 32)), atol=1e-6)
+    assert pre.prepare(a)[0, 1].any()
+    assert not pre.prepare(_frame(40, 56, seed=3))[0, 1].any(), "a new frame size starts a new stream"
+    assert pre.prepare(_frame(40, 56, seed=4))[0, 1].any()
+    u16 = _frame(40, 56, np.uint16, seed=4)
+    assert not pre.prepare(u16)[0, 1].any(), "a new pixel type starts a new stream"
+
+
+def test_eng_temporal_buffers_are_reused() -> None:
+    pre = Preprocessor((32, 32), 2, PCT, temporal=True)
+    first = pre.prepare(_frame(48, 48))
+    previous = pre._previous
+    for seed in range(1, 4):
+        assert pre.prepare(_frame(48, 48, seed=seed)) is first
+    pre.reset()
+    pre.prepare(_frame(60, 60))
+    assert pre._previous is previous, "the previous plane is allocated once, whatever the geometry"
+
+
+def test_eng_temporal_letterbox_padding_has_zero_difference() -> None:
+    """Both planes carry the pad value (here non-zero: an offset rule), so their difference there is 0."""
+    norm = Normalization.from_card({"kind": "scale", "scale": 1 / 255, "offset": -0.5})
+    pre = Preprocessor((64, 64), 2, norm, geometry="letterbox", temporal=True)
+    pre.prepare(_frame(100, 200, seed=0))
+    t = pre.prepare(_frame(100, 200, seed=1))
+    geom = pre.geometry
+    assert geom is not None
+    assert (geom.y0, geom.nh) == (16, 32)
+    np.testing.assert_array_equal(t[0, 0, :16], -0.5)  # the pad value of this rule
+    pad = np.ones((64, 64), bool)
+    pad[geom.y0 : geom.y0 + geom.nh, geom.x0 : geom.x0 + geom.nw] = False
+    assert not t[0, 1][pad].any()
+    assert t[0, 1][~pad].any()
+
+
+def test_eng_temporal_needs_two_channels_and_single_frame_repeats() -> None:
+    with pytest.raises(PreprocessError, match="2 input channels"):
+        Preprocessor((16, 16), 1, PCT, temporal=True)
+    img = _frame(16, 16)
+    pre = Preprocessor((16, 16), 2, PCT)  # not temporal: the plane in both channels, as before
+    pre.prepare(_frame(16, 16, seed=9))
+    t = pre.prepare(img)
+    np.testing.assert_array_equal(t[0, 0], t[0, 1])
+    pre.reset()  # harmless without temporal state
+    np.testing.assert_allclose(pre.prepare(img)[0, 0], _reference_plane(img, (16, 16)), atol=1e-6)

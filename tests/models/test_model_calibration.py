@@ -207,3 +207,33 @@ def test_calibration_of_a_presence_model_sweeps_the_gate_and_exports_it(tmp_path
     card = load_model_card(new_card)
     assert card.presence_threshold == 0.75
     assert "instrument_present" in card.output_names()
+
+
+def test_calibration_feeds_a_temporal_model_the_frame_before_each_one() -> None:
+    from engines.models.preprocess import normalize, temporal_input
+    from guidance.phantoms import make_phantom
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY_CONFIG, in_channels=2)).eval()
+    ph = make_phantom("us", seed=5, width=64, height=64)
+    frames = [ph.frame(j * 5) for j in range(3)]
+    prevs = [None, ph.frame(4), ph.frame(9)]
+    logits, _ = calibration._outputs(model, frames, 64, prevs)
+    x = np.stack(
+        [
+            temporal_input(normalize(f.image), None if p is None else normalize(p.image))
+            for f, p in zip(frames, prevs, strict=True)
+        ]
+    )
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    alone, _ = calibration._outputs(model, frames, 64, [None, None, None])
+    np.testing.assert_allclose(alone[0], logits[0], atol=1e-6)  # the first frame has no predecessor
+    assert not np.allclose(alone[1:], logits[1:])
+
+    cfg = calibration.CalibrationConfig(
+        biases=(0.0,), target_biases=(0.0,), sequences=1, frames=3, stride=5, size=64
+    )
+    report = calibration.calibrate(model, cfg)
+    assert [row["bias"] for row in report["sweep"]] == [0.0]

@@ -37,6 +37,8 @@ class _Oracle:
 
     def close(self) -> None: ...
 
+    def reset(self) -> None: ...
+
     def infer(self, image: np.ndarray) -> SegmentationOutput:
         return SegmentationOutput(labels=self.frames[id(image)])
 
@@ -177,3 +179,63 @@ def test_model_evaluation_report_carries_dice_intervals() -> None:
     row = next(x for x in rows if x["figure"] == "target_dice")
     assert row["ci95"] == r.target_dice_ci95
     assert any("-" in line and "target_dice " in line for line in evaluation.summary_lines({"targets": rows}))
+
+
+def test_model_evaluation_feeds_a_temporal_model_the_frame_before_each_one(tmp_path: Path) -> None:
+    """A temporal ONNX model through the real ONNX Runtime engine: each evaluated frame's labels are what the
+    network gives for that frame and the one just before it (run first, unscored); a new sequence starts
+    from a reset engine."""
+    import dataclasses
+
+    import torch
+
+    from engines import registry
+    from engines.models.preprocess import normalize, temporal_input
+    from engines.models.unet import TINY_CONFIG, CardInfo, build_model, export_model_asset
+
+    torch.manual_seed(3)
+    model = build_model(dataclasses.replace(TINY_CONFIG, in_channels=2)).eval()
+    _, card = export_model_asset(model, tmp_path, CardInfo(name="t", version="0"), height=64, width=64)
+    assert evaluation.model_is_temporal(card)
+    cfg = evaluation.EvalConfig(
+        modalities=("us",), sequences=2, frames=3, stride=6, width=64, height=64, plus_dir=None
+    )
+    data = evaluation.heldout_sequences(cfg)
+    previous = evaluation.heldout_previous_frames(cfg)
+    assert [[p is None for p in s] for s in previous["us"]] == [[True, False, False]] * 2
+    assert [p.index for p in previous["us"][0][1:] if p is not None] == [5, 11]
+
+    seen: list[np.ndarray] = []
+
+    class Recorder:
+        """The ONNX Runtime engine, keeping each frame's labels."""
+
+        def __init__(self) -> None:
+            self.inner = registry.create("onnxruntime", model=str(card))
+            self.inner.load()
+            self.name = self.inner.name
+
+        def __getattr__(self, item: str) -> object:
+            return getattr(self.inner, item)
+
+        def infer(self, image: np.ndarray) -> SegmentationOutput:
+            out = self.inner.infer(image)
+            seen.append(out.labels)
+            return out
+
+    evaluation.evaluate_engine(
+        lambda m: Recorder(),  # type: ignore[arg-type,return-value]
+        data,
+        evaluation.geometry_reader_factory()[0],
+        previous=previous,
+    )
+    assert len(seen) == 2 * (3 + 2)  # three frames per sequence, two of them preceded by their predecessor
+    expected = []
+    for seq, prevs in zip(data["us"], previous["us"], strict=True):
+        for fr, prev in zip(seq, prevs, strict=True):
+            x = temporal_input(normalize(fr.image), None if prev is None else normalize(prev.image))
+            with torch.inference_mode():
+                expected.append(model(torch.from_numpy(x[None])).argmax(1)[0].numpy().astype(np.uint8))
+    got = [seen[i] for i in (0, 2, 4, 5, 7, 9)]  # skip the priming calls
+    for g, e in zip(got, expected, strict=True):
+        assert (g == e).mean() > 0.999

@@ -105,3 +105,53 @@ def test_model_segment_bad_input_is_a_one_line_error(
     rc = main(["segment", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o"), "--engine", "classical"])
     assert rc == 1
     assert "unsupported input" in capsys.readouterr().err
+
+
+def test_model_segment_new_stream_per_folder_image_per_file_and_after_a_gap(tmp_path: Path) -> None:
+    """The engine forgets the previous frame before every image of a folder (unrelated images), at the
+    start of a sequence file or recording, and after a gap in its timestamps (as the live pipeline does)."""
+    from guidance.commands.segment import iter_input
+    from guidance.phantoms.export import write_recording
+    from streaming.sequence import SequenceFile, write_sequence
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        np.save(folder / f"{name}.npy", np.zeros((16, 16), np.uint8))
+    assert [f.new_stream for f in iter_input(folder, None, 30.0)] == [True, True, True]
+    seq = SequenceFile(
+        frames=np.zeros((5, 16, 16), np.uint8), timestamps=np.array([10.0, 10.033, 10.066, 12.0, 12.033])
+    )
+    path = write_sequence(seq, tmp_path / "s.igs.mha")
+    assert [f.new_stream for f in iter_input(path, None, 30.0)] == [True, False, False, True, False]
+    rec = tmp_path / "r.mcap"
+    write_recording(rec, frames=4, width=64, height=64, write_truth=False)
+    assert [f.new_stream for f in iter_input(rec, None, 30.0)] == [True, False, False, False]
+
+
+def test_model_segment_runs_a_temporal_model_over_a_sequence(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    import dataclasses
+
+    from engines.models import preprocess as model_pre
+    from engines.models import unet
+    from streaming.sequence import SequenceFile, write_sequence
+
+    torch.manual_seed(0)
+    model = unet.build_model(dataclasses.replace(unet.TINY_CONFIG, in_channels=2)).eval()
+    _, card = unet.export_model_asset(
+        model, tmp_path / "model", unet.CardInfo(name="temporal", version="0"), height=64, width=64
+    )
+    data = json.loads(card.read_text())
+    data["input"]["channel_meaning"] = list(model_pre.TEMPORAL_CHANNELS)
+    card.write_text(json.dumps(data))
+    frames = np.random.default_rng(0).integers(0, 255, (4, 48, 40), dtype=np.uint8)
+    path = write_sequence(SequenceFile(frames=frames, timestamps=np.arange(4) / 30.0), tmp_path / "s.igs.mha")
+    out = tmp_path / "out"
+    assert (
+        main(["segment", str(path), "--out", str(out), "--engine", "onnxruntime", "--model", str(card)]) == 0
+    )
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["frames"]) == 4
+    assert summary["model"].startswith("temporal")

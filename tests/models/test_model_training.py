@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from engines.models.unet import TINY_CONFIG, build_model  # noqa: E402
 from guidance import training  # noqa: E402
+from guidance.phantoms import PhantomFrame  # noqa: E402
 
 TINY = training.TrainConfig(
     modalities=("us",),
@@ -281,3 +282,105 @@ def test_model_presence_head_trains_alone_on_a_frozen_network(tmp_path: Path) ->
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(training.TrainingError, match="does not fit"):
         training.load_initial_weights(build_model(cfg.model), str(tmp_path / "other.pt"))
+
+
+# ------------------------------------------------------------------------------------- temporal models
+TEMPORAL_TINY = dataclasses.replace(TINY_CONFIG, in_channels=2)
+
+
+def _needle_frames() -> tuple[PhantomFrame, PhantomFrame]:
+    from guidance.phantoms import make_phantom
+
+    ph = make_phantom("us", seed=3, width=64, height=64, needle=True)
+    k = next(i for i in range(10, 600, 10) if ph.frame(i).instrument_present)
+    return ph.frame(k), ph.frame(k - 1)
+
+
+def test_model_temporal_sample_is_the_frame_and_its_difference() -> None:
+    from engines.models.preprocess import normalize
+
+    frame, prev = _needle_frames()
+    single = training.frame_to_sample(frame, 64, 2.0)
+    first = training.frame_to_sample(frame, 64, 2.0, temporal=True)
+    pair = training.frame_to_sample(frame, 64, 2.0, temporal=True, previous=prev)
+    assert single.image.shape == (64, 64)
+    assert first.image.shape == pair.image.shape == (2, 64, 64)
+    np.testing.assert_array_equal(first.image[0], single.image)
+    assert not first.image[1].any()  # a stream's first frame: no difference
+    np.testing.assert_array_equal(pair.image[0], single.image)
+    np.testing.assert_allclose(pair.image[1], single.image - normalize(prev.image), atol=1e-6)
+    assert np.abs(pair.image[1]).max() > 0.05  # the needle moved
+
+
+def test_model_temporal_augment_gives_both_frames_one_transform() -> None:
+    """The same frame as its own previous frame: the difference is only the per-frame noise, and exactly 0
+    on the draws that add none (so geometry, crop and intensity are the same for both)."""
+    frame, _ = _needle_frames()
+    cfg = dataclasses.replace(TINY, model=TEMPORAL_TINY)
+    exact = 0
+    for seed in range(24):
+        s = training.augment(frame, np.random.default_rng(seed), cfg, previous=frame, temporal=True)
+        assert s.image.shape == (2, 32, 32)
+        assert s.labels.shape == s.tip.shape == (32, 32)
+        assert abs(float(s.image[1].mean())) < 0.02
+        exact += int(not s.image[1].any())
+    assert 0 < exact < 24
+    # No previous frame (a stream's first): a zero difference channel.
+    s = training.augment(frame, np.random.default_rng(0), cfg, temporal=True)
+    assert not s.image[1].any()
+
+
+def test_model_temporal_sampler_pairs_frames_of_one_sequence() -> None:
+    cfg = dataclasses.replace(TINY, model=TEMPORAL_TINY, first_frame_fraction=0.0, max_frame_gap=3)
+    sampler = training.PhantomSampler(cfg, ("us",), seed=0)
+    for _ in range(8):
+        frame, prev = sampler._frame()
+        if frame.index == 0:
+            assert prev is None
+            continue
+        assert prev is not None
+        assert 1 <= frame.index - prev.index <= 3
+    x, y, tip = sampler.batch()
+    assert tuple(x.shape) == (4, 2, 32, 32)
+    assert tuple(y.shape) == (4, 32, 32)
+    assert tuple(tip.shape) == (4, 1, 32, 32)
+    single = training.PhantomSampler(TINY, ("us",), seed=0).batch()[0]
+    assert tuple(single.shape) == (4, 1, 32, 32)
+
+
+def test_model_single_frame_weights_start_a_temporal_model_unchanged(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    single = build_model(TINY_CONFIG).eval()
+    torch.save(single.state_dict(), tmp_path / "single.pt")
+    temporal = build_model(TEMPORAL_TINY)
+    assert training.load_initial_weights(temporal, str(tmp_path / "single.pt")) == []
+    temporal.eval()
+    assert not temporal.state_dict()["stem.0.0.weight"][:, 1].any()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = single(x)
+        got = temporal(torch.cat([x, torch.rand(2, 1, 64, 64) - 0.5], dim=1))
+    torch.testing.assert_close(got, expected)
+
+
+def test_model_temporal_training_runs_and_exports_a_temporal_card(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        TINY, model=TEMPORAL_TINY, val_every=2, val_sequences=1, val_frames_per_sequence=2
+    )
+    result = training.train(cfg, tmp_path, progress=False)
+    assert "val_instrument_dice" in result.history[-1]
+    card = json.loads((tmp_path / "guidance-unet.json").read_text())
+    assert card["input"]["channels"] == 2
+    assert card["input"]["channel_meaning"] == ["current frame", "current frame minus previous frame"]
+    assert card["input"]["shape"] == [1, 2, 64, 64]
+
+
+def test_model_train_command_temporal_option() -> None:
+    from guidance.cli import build_parser
+    from guidance.commands.train import train_config
+
+    base = training.TrainConfig()
+    cfg = train_config(build_parser().parse_args(["train", "--temporal", "--presence-head"]), base)
+    assert cfg.model == dataclasses.replace(base.model, in_channels=2, presence_head=True)
+    assert cfg.temporal
+    assert not base.temporal

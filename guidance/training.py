@@ -357,11 +357,11 @@ def augment(
 ) -> Sample:
     """Augmented crop of ``frame`` (geometry + intensity), ``cfg.crop`` square.
 
-    ``temporal`` makes a two-channel sample; with ``previous`` the previous frame gets the same geometry, crop and intensity
-    transform and noise of the same strength but its own draw (noise is independent from frame to frame),
-    and the sample is ``temporal_input`` of the two; without it (a stream's first frame) the difference is
-    0. A single-frame sample takes exactly the random draws it took before temporal models existed, so
-    earlier runs reproduce.
+    ``temporal`` makes a two-channel sample (``temporal_input``). The ``previous`` frame gets the same
+    geometry, crop and intensity transform, and noise of the same strength but of its own draw (noise is
+    independent from frame to frame); without one (a stream's first frame) the difference is 0. A
+    single-frame sample takes exactly the random draws it took before temporal models existed, so earlier
+    runs reproduce.
     """
     base = frame_to_sample(frame, cfg.image_size, cfg.tip_sigma_px)
     img, lab = base.image, base.labels

@@ -38,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="cpu (default), cuda, cuda:N, or auto (CUDA when torch sees a GPU); phantoms are made on the CPU",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="fp32 (default), or bf16: the forward pass under bfloat16 autocast, about 1.4x the steps on a "
+        "CPU with AVX512-BF16 (refused where the device has no native bf16)",
+    )
     p.add_argument("--init", default=None, help="start from this state_dict (.pt), e.g. to fine-tune")
     p.add_argument(
         "--target-weight", type=float, default=None, help="weight of the target's CE and Dice terms"
@@ -134,6 +141,7 @@ def train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
             "lr": args.lr,
             "threads": args.threads,
             "device": args.device,
+            "precision": args.precision,
             "init_weights": args.init,
             "target_ce_weight": args.target_weight,
             "target_dice_weight": args.target_weight,

@@ -31,7 +31,8 @@ TINY = training.TrainConfig(
 )
 
 
-def test_model_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_training_steps_lower_the_loss_on_a_fixed_batch(precision: str) -> None:
     training.seed_everything(0, threads=1)
     cfg = dataclasses.replace(TINY, batch_size=6)
     sampler = training.PhantomSampler(cfg, ("us",), seed=0)
@@ -50,13 +51,34 @@ def test_model_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
     before = loss_now()
     model.train()
     for _ in range(15):
-        logits, tip_logits, _ = model.forward_with_aux(x)
-        loss, parts = loss_fn(logits, tip_logits, y, tip)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        parts = training.training_step(model, loss_fn, opt, (x, y, tip), precision)
     assert set(parts) == {"loss", "ce", "dice", "tversky", "cldice", "tip", "presence"}
+    # bf16 only under autocast: the weights the optimiser updates stay float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert loss_now() < 0.8 * before
+
+
+def test_model_training_precision_is_checked_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    training.check_precision("fp32", cpu)
+    with pytest.raises(training.TrainingError, match="unknown training precision 'fp16'"):
+        training.check_precision("fp16", cpu)
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(training.TrainingError, match=r"no native bfloat16 .* use fp32"):
+        training.train(dataclasses.replace(TINY, precision="bf16"), None, progress=False)
+
+
+def test_model_training_in_bf16_runs_and_exports_a_float32_onnx(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, precision="bf16")
+    result = training.train(cfg, tmp_path, progress=False, name="m")
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["training"]["hardware"].endswith("bf16 autocast")
+    assert card["training"]["recipe"]["config"]["precision"] == "bf16"
+    x = np.random.default_rng(5).random((1, 1, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = result.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(["logits"], {"image": x})[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_model_training_is_deterministic_from_seed_and_exports_matching_onnx(tmp_path: Path) -> None:
@@ -240,6 +262,8 @@ def test_model_train_command_options_reach_the_config() -> None:
     assert (cfg.point_reflector_fraction, cfg.curved_wall_fraction, cfg.bath_lines) == (0.25, 0.2, True)
     assert not cfg.model.presence_head
     assert not cfg.freeze_body
+    assert cfg.precision == "fp32"
+    assert train_config(build_parser().parse_args(["train", "--precision", "bf16"]), base).precision == "bf16"
 
     args = build_parser().parse_args(["train", "--init", "w.pt", "--presence-head", "--freeze-body"])
     cfg = train_config(args, base)

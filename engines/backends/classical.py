@@ -221,7 +221,9 @@ class ClassicalEngine:
             )
         min_len = self.min_length_px * max(h, w) / 256.0
         lines = cv2.HoughLinesP(strong, 1, math.pi / 180, threshold=15, minLineLength=min_len, maxLineGap=5)
-        if lines is None:
+        # OpenCV 4 answers "no line" with None and shapes hits (N, 1, 4); OpenCV 5 answers with an empty
+        # (0, 4) array and shapes hits (N, 4). Accept both.
+        if lines is None or np.size(lines) == 0:
             return None, 0.0
         segs = np.asarray(lines).reshape(-1, 4).astype(np.float32)
         lengths = np.hypot(segs[:, 2] - segs[:, 0], segs[:, 3] - segs[:, 1])

@@ -77,6 +77,9 @@ class ModelCard:
     raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Class indices reduced to their one main region after inference (card ``postprocess``).
     single_region_classes: tuple[int, ...] = ()
+    #: Instrument regions with no pixel at this instrument probability are cleared (card ``postprocess``
+    #: ``instrument_seed_prob``; 0: off). See :func:`engines.preprocess.keep_seeded_regions`.
+    instrument_seed_prob: float = 0.0
     #: Per class, what is subtracted from its logit before the label decision (card ``output``
     #: ``instrument_logit_bias`` / ``target_logit_bias``, the calibrated operating point). Graphs that
     #: output labels have it built in; a backend that decides from logits itself must apply it.
@@ -163,6 +166,11 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             raise ModelAssetError(
                 f"model card {card_path}: postprocess names classes {unknown} that are not foreground classes"
             )
+        seed_prob = float((post.get("instrument_seed_prob") if isinstance(post, Mapping) else None) or 0.0)
+        if not 0.0 <= seed_prob < 1.0:
+            raise ModelAssetError(
+                f"model card {card_path}: postprocess instrument_seed_prob {seed_prob} is not in [0, 1)"
+            )
         bias = [0.0] * len(classes)
         for idx, key in ((1, "instrument_logit_bias"), (2, "target_logit_bias")):
             if idx < len(bias) and out.get(key) is not None:
@@ -191,6 +199,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             card_path=card_path,
             raw=MappingProxyType(dict(data)),
             single_region_classes=tuple(classes.index(c) for c in single),
+            instrument_seed_prob=seed_prob,
             decision_bias=tuple(bias) if any(bias) else (),
             presence_threshold=presence_threshold,
             temporal=temporal,

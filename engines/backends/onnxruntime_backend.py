@@ -250,6 +250,7 @@ class OnnxRuntimeEngine:
             card.normalization,
             self._geometry,
             single_region_classes=card.single_region_classes,
+            instrument_seed_prob=card.instrument_seed_prob,
             temporal=card.temporal,
         )
         self._labels = np.zeros((1, h, w), dtype=np.uint8)
@@ -300,7 +301,7 @@ class OnnxRuntimeEngine:
         pre.prepare(image)
         labels, prob = self.run_tensor()
         return SegmentationOutput(
-            labels=pre.restore_labels(labels[0]),
+            labels=pre.restore_labels(labels[0], prob[0]),
             instrument_prob=pre.restore_prob(prob[0]),
             scores=presence_scores(self._present),
         )

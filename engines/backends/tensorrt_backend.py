@@ -589,6 +589,7 @@ class _TrtRunner:
             geometry,
             out=self.host[self.inputs[0]],
             single_region_classes=card.single_region_classes,
+            instrument_seed_prob=card.instrument_seed_prob,
             temporal=card.temporal,
         )
         self._use_graph = use_graph
@@ -731,7 +732,7 @@ class TensorRTEngine:
         runner.pre.prepare(image)
         labels, prob = runner.run()
         return SegmentationOutput(
-            labels=runner.pre.restore_labels(labels),
+            labels=runner.pre.restore_labels(labels, prob),
             instrument_prob=runner.pre.restore_prob(prob),
             scores=presence_scores(runner.present),
         )

@@ -185,6 +185,7 @@ class TorchEngine:
                 self._geometry,
                 out=self._host_in.numpy(),
                 single_region_classes=card.single_region_classes,
+                instrument_seed_prob=card.instrument_seed_prob,
                 temporal=card.temporal,
             )
             dtype = torch.float16 if self._optimize else torch.float32
@@ -201,6 +202,7 @@ class TorchEngine:
                 card.normalization,
                 self._geometry,
                 single_region_classes=card.single_region_classes,
+                instrument_seed_prob=card.instrument_seed_prob,
                 temporal=card.temporal,
             )
             self._label = f"cpu ({torch.get_num_threads()} threads)"
@@ -300,7 +302,7 @@ class TorchEngine:
                 lab_np, prob_np = labels.numpy(), prob.numpy()
                 present_np = present.numpy() if present is not None else None
         return SegmentationOutput(
-            labels=pre.restore_labels(lab_np[0]),
+            labels=pre.restore_labels(lab_np[0], prob_np[0]),
             instrument_prob=pre.restore_prob(prob_np[0]),
             scores=presence_scores(present_np),
         )

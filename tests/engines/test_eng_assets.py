@@ -92,6 +92,14 @@ def test_eng_card_postprocess_names_foreground_classes(tiny_model: Path, tmp_pat
     card_path.write_text(json.dumps(data))
     with pytest.raises(ModelAssetError, match="not foreground classes"):
         load_model_card(card_path)
+    data["postprocess"] = {"instrument_seed_prob": 0.997}
+    card_path.write_text(json.dumps(data))
+    card = load_model_card(card_path)
+    assert (card.instrument_seed_prob, card.single_region_classes) == (0.997, ())
+    data["postprocess"] = {"instrument_seed_prob": 1.5}
+    card_path.write_text(json.dumps(data))
+    with pytest.raises(ModelAssetError, match=r"instrument_seed_prob 1\.5 is not in"):
+        load_model_card(card_path)
 
 
 def _with_input(card_path: Path, **fields: object) -> Path:

@@ -208,6 +208,66 @@ def test_eng_presence_score_and_gate_agree_across_backends(tmp_path: Path) -> No
         assert (instrument > 0) if name == "open" else (instrument == 0)
 
 
+@needs_torch
+def test_eng_instrument_seed_rule_is_applied_by_every_backend(tmp_path: Path) -> None:
+    """Card ``postprocess.instrument_seed_prob``: an instrument region stays whole when one of its pixels
+    reaches the seed (hysteresis, not a per-pixel threshold) and goes when none does, in every backend."""
+    import torch
+
+    from engines.models import unet
+
+    torch.manual_seed(3)
+    model = unet.build_model(unet.TINY_CONFIG).eval()
+    bias = model.head.bias
+    assert bias is not None
+    with torch.no_grad():
+        bias.copy_(torch.tensor([0.0, 3.0, 0.0]))  # instrument nearly everywhere, at varied probability
+    _, card = unet.export_model_asset(
+        model, tmp_path, unet.CardInfo(name="open", version="0"), height=64, width=64
+    )
+    torch.save(model.state_dict(), card.with_suffix(".pt"))
+
+    def with_seed(name: str, seed: float) -> Path:
+        data = json.loads(card.read_text())
+        data["postprocess"] = {"instrument_seed_prob": seed}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    def infer(path: Path, make: Any) -> list[np.ndarray]:
+        engine = make(path)
+        engine.load()
+        try:
+            return [engine.infer(f).labels for f in _frames()]
+        finally:
+            engine.close()
+
+    ort = lambda p: onnxruntime_backend.OnnxRuntimeEngine(p, device="cpu")  # noqa: E731
+    eager = lambda p: torch_backend.TorchEngine(p, device="cpu", optimize=False)  # noqa: E731
+    open_labels = infer(card, ort)
+    engine = ort(card)
+    engine.load()
+    try:
+        probs = [engine.infer(f).instrument_prob for f in _frames()]
+    finally:
+        engine.close()
+    inst = np.concatenate([(lab == 1).ravel() for lab in open_labels])
+    assert inst.mean() > 0.5  # the premise: a large instrument region
+    p_inst = np.concatenate([p.ravel() for p in probs if p is not None])[inst]
+    median = float(np.median(p_inst))
+    assert float(p_inst.min()) < median < 0.999
+    assert assets.load_model_card(with_seed("median", median)).instrument_seed_prob == median
+    for make in (ort, eager):
+        kept = infer(with_seed("median", median), make)
+        gone = infer(with_seed("sure", 0.999999), make)
+        for lo, lk, lg in zip(open_labels, kept, gone, strict=True):
+            # half the instrument pixels are under the seed, and their regions are kept whole
+            assert (lo == lk).mean() >= 0.999
+            assert not (lg == 1).any()
+            assert np.array_equal(lg == 2, lo == 2)  # the target is untouched
+            assert (lg[lo == 1] == 0).all()
+
+
 # ---------------------------------------------------------------------------------------- temporal models
 @pytest.fixture(scope="module")
 def temporal_card(tmp_path_factory: pytest.TempPathFactory) -> Path:

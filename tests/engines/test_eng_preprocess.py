@@ -13,6 +13,7 @@ from engines.preprocess import (
     PreprocessError,
     Preprocessor,
     keep_main_region,
+    keep_seeded_regions,
     percentile_range,
 )
 
@@ -160,6 +161,40 @@ def test_single_region_classes_apply_to_restored_labels() -> None:
     out = pre.restore_labels(net)
     assert out.shape == (32, 32)
     assert (out == TARGET).sum() == 12 * 12  # the island is gone, the main region upsampled
+
+
+def test_keep_seeded_regions_keeps_whole_regions_that_reach_the_seed() -> None:
+    lab = np.zeros((32, 32), np.uint8)
+    prob = np.full((32, 32), 0.6, np.float32)
+    lab[4, 2:30] = INSTRUMENT  # a needle: one sure pixel, the rest weak
+    prob[4, 20] = 0.999
+    lab[20:22, 5:15] = INSTRUMENT  # a distractor: weak everywhere
+    lab[25:30, 25:30] = TARGET
+    prob[25:30, 25:30] = 0.999  # the target's pixels are never instrument seeds
+    before = lab.copy()
+    keep_seeded_regions(lab, prob, INSTRUMENT, 0.99)
+    assert (lab[4, 2:30] == INSTRUMENT).all()  # kept whole, weak pixels included
+    assert not (lab[20:22] == INSTRUMENT).any()
+    assert np.array_equal(lab == TARGET, before == TARGET)
+    keep_seeded_regions(lab, prob, INSTRUMENT, 0.9999)  # no seed anywhere: nothing is left
+    assert not (lab == INSTRUMENT).any()
+
+
+def test_instrument_seed_rule_applies_at_network_resolution_before_restoring() -> None:
+    with pytest.raises(PreprocessError, match="seed"):
+        Preprocessor((16, 16), 1, Normalization(), instrument_seed_prob=1.0)
+    pre = Preprocessor((16, 16), 1, Normalization(), instrument_seed_prob=0.9)
+    pre.prepare(np.zeros((32, 32), np.uint8))
+    net = np.zeros((1, 16, 16), np.uint8)
+    net[0, 2, 1:15] = INSTRUMENT
+    net[0, 10, 1:8] = INSTRUMENT
+    prob = np.full((1, 16, 16), 0.5, np.float32)
+    prob[0, 2, 7] = 0.95
+    kept = net.copy()
+    out = pre.restore_labels(net, prob)
+    assert np.array_equal(net, kept)  # the caller's (possibly bound) buffer is not written
+    assert (out == INSTRUMENT).sum() == 14 * 2 * 2  # the seeded row, upsampled; the other is gone
+    assert (pre.restore_labels(net) == INSTRUMENT).sum() == 21 * 4  # without the map: no rule
 
 
 # ---------------------------------------------------------------------------------------- temporal input

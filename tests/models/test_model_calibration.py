@@ -39,18 +39,35 @@ def test_decide_matches_the_exported_graph_rule() -> None:
     assert (labels == TARGET).sum() == 4  # the stray pixel is gone
     grown, _ = calibration.decide(logits, bias=3.0, single_target=False, target_bias=-100.0)
     assert (grown == TARGET).all()  # a target bias moves the target's decision the same way
+    # the seeded-region rule, as the engines apply it: p = 0.79 at (0, 0) is a seed at 0.75, not at 0.8
+    seeded, _ = calibration.decide(logits, bias=0.0, single_target=False, seed_prob=0.75)
+    assert seeded[0, 0] == INSTRUMENT
+    unseeded, _ = calibration.decide(logits, bias=0.0, single_target=False, seed_prob=0.8)
+    assert unseeded[0, 0] == 0
+    assert (unseeded == TARGET).sum() == 5
 
 
 def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> None:
     cfg = calibration.CalibrationConfig(
-        biases=(0.0, 50.0), target_biases=(-0.5, 0.0), sequences=1, frames=3, stride=5
+        biases=(0.0, 50.0),
+        target_biases=(-0.5, 0.0),
+        sequences=1,
+        frames=3,
+        stride=5,
+        seed_biases=(0.0,),
+        seed_probs=(0.999,),
     )
     seeds = calibration.validation_seeds(cfg, 0) + calibration.validation_seeds(cfg, 1)
     assert all(s > HELDOUT_SEED_BASE + 10_000 for s in seeds)  # never an evaluation seed
     torch.manual_seed(0)
     report = calibration.calibrate(build_model(TINY_CONFIG), cfg)
-    assert [row["bias"] for row in report["sweep"]] == [0.0, 50.0]
-    assert set(report["sweep"][0]) == {"bias", "presence_threshold", "us", "fluoro"}
+    assert [(row["bias"], row["instrument_seed_prob"]) for row in report["sweep"]] == [
+        (0.0, 0.0),
+        (50.0, 0.0),
+        (0.0, 0.999),
+    ]
+    assert set(report["sweep"][0]) == {"bias", "presence_threshold", "instrument_seed_prob", "us", "fluoro"}
+    assert report["instrument_seed_prob"] in (0.0, 0.999)
     assert report["presence_gate"] == {"enabled": False}  # no presence head, no gate
     assert report["instrument_logit_bias"] in (0.0, 50.0)
     assert [row["target_bias"] for row in report["target_sweep"]] == [-0.5, 0.0]
@@ -65,11 +82,14 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
         **report,
         "instrument_logit_bias": 50.0,
         "target_logit_bias": -0.5,
+        "instrument_seed_prob": 0.997,
         "single_region_target": {"enabled": True},
     }
     onnx_path, new_card = calibration.apply_calibration(card_path, tmp_path / "out", forced)
     card = load_model_card(new_card)  # sha256 verified
     assert card.single_region_classes == (TARGET,)
+    assert card.instrument_seed_prob == 0.997
+    assert "seed probability 0.997" in calibration.operating_point_limit(forced)
     data = json.loads(new_card.read_text())
     assert data["output"]["instrument_logit_bias"] == 50.0
     assert card.decision_bias == (0.0, 50.0, -0.5)
@@ -77,11 +97,14 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     assert data["limits"][-1] == calibration.operating_point_limit(forced)
     assert "bias 50" in data["limits"][-1]
     _, again = calibration.apply_calibration(
-        new_card, tmp_path / "again", {**forced, "instrument_logit_bias": 4.0}
+        new_card, tmp_path / "again", {**forced, "instrument_logit_bias": 4.0, "instrument_seed_prob": 0.0}
     )
+    assert load_model_card(again).instrument_seed_prob == 0.0  # re-calibrating can drop the rule
     limits = json.loads(again.read_text())["limits"]
     assert [x for x in limits if x.startswith("One operating point")] == [
-        calibration.operating_point_limit({**forced, "instrument_logit_bias": 4.0})
+        calibration.operating_point_limit(
+            {**forced, "instrument_logit_bias": 4.0, "instrument_seed_prob": 0.0}
+        )
     ]
     assert (tmp_path / "out" / "m.pt").is_file()
     assert onnx_path.parent == tmp_path / "out"
@@ -177,6 +200,7 @@ def test_calibration_of_a_presence_model_sweeps_the_gate_and_exports_it(tmp_path
         stride=5,
         presence_thresholds=(0.001,),
         max_presence_miss=1.0,  # any threshold is allowed: the gated rows must be swept
+        seed_probs=(),
     )
     config = dataclasses.replace(TINY_CONFIG, presence_head=True)
     torch.manual_seed(0)
@@ -233,7 +257,7 @@ def test_calibration_feeds_a_temporal_model_the_frame_before_each_one() -> None:
     assert not np.allclose(alone[1:], logits[1:])
 
     cfg = calibration.CalibrationConfig(
-        biases=(0.0,), target_biases=(0.0,), sequences=1, frames=3, stride=5, size=64
+        biases=(0.0,), target_biases=(0.0,), sequences=1, frames=3, stride=5, size=64, seed_probs=()
     )
     report = calibration.calibrate(model, cfg)
     assert [row["bias"] for row in report["sweep"]] == [0.0]

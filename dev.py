@@ -23,16 +23,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 
 
 def _python(env_dir: Path) -> Path:
+    """A virtual environment's interpreter (its scripts sit beside it)."""
     return (
         env_dir / ("Scripts" if os.name == "nt" else "bin") / ("python.exe" if os.name == "nt" else "python")
     )
 
 
 PY = _python(VENV)
+BIN = PY.parent
 STAMP = VENV / ".guidance-installed"
 # Known-good versions (pip constraints: they pin, they add nothing). See the file's header.
 CONSTRAINTS = ROOT / "constraints.txt"

@@ -6,6 +6,7 @@ Distances in millimetres use the frame's ``spacing_mm``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +27,10 @@ class InstrumentEstimate:
         tip_px: the far end along the insertion direction (temporally filtered).
         raw_tip_px: the unfiltered tip of this frame.
         entry_px: the other end of the visible shaft.
-        direction: unit vector (x, y) from entry towards tip.
-        angle_deg: axis angle to the image x axis, degrees in [0, 180).
+        direction: unit vector (x, y): the heading at the tip, where the instrument points (the projected
+            trajectory follows it). Along the shaft for a straight needle; along the tip's tangent for a
+            bent catheter, which can point tens of degrees off its entry -> tip chord.
+        angle_deg: angle of ``direction`` to the image x axis, degrees in [0, 180).
         length_mm: visible shaft length.
         confidence: 0..1; drops when the mask is fragmentary, short, or weakly scored.
         trajectory_end_px: the projected path (tip extended along ``direction``) where it leaves the image.
@@ -44,6 +47,12 @@ class InstrumentEstimate:
     confidence: float
     trajectory_end_px: Point
     centerline_px: Polygon
+
+    @property
+    def axis_angle_deg(self) -> float:
+        """Angle of the entry -> tip chord (the shaft's axis) to the image x axis, degrees in [0, 180)."""
+        dx, dy = self.raw_tip_px[0] - self.entry_px[0], self.raw_tip_px[1] - self.entry_px[1]
+        return math.degrees(math.atan2(dy, dx)) % 180.0
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -3,8 +3,9 @@
 INPUT may be one image (PNG, TIFF, JPEG, NPY; 8- or 16-bit, grey or colour), a folder of them (sorted by
 name), one of our recordings (``.mcap``) or a PLUS/Slicer sequence file (``.igs.mha``, ``.igs.nrrd``,
 ``.seq.nrrd``, ``.mha``, ``.nrrd``). For every frame it writes ``<name>.png`` (uint8 label map, value =
-class index, same size as the input) and ``<name>.json`` (instrument present, tip in px and mm, axis angle,
-target centroid and area, tip-to-target distance, confidence), and a ``results.json`` with all frames.
+class index, same size as the input) and ``<name>.json`` (instrument present, tip in px and mm, axis angle
+(entry -> tip chord) and tip direction (the heading at the tip, which the trajectory follows), target
+centroid and area, tip-to-target distance, confidence), and a ``results.json`` with all frames.
 Frames of one input go through one :class:`guidance.interpretation.Interpreter` in order, as in the app.
 A recording or sequence file is one stream to the engine (a temporal model sees each frame's predecessor);
 the images of a folder are segmented each on its own (see :func:`iter_input`).
@@ -167,7 +168,8 @@ def frame_result(frame: InputFrame, interp: Any, scores: dict[str, float]) -> di
         "tip_mm": [round(inst.tip_px[0] * sx, 3), round(inst.tip_px[1] * sy, 3)] if inst else None,
         "raw_tip_px": _pt(inst.raw_tip_px) if inst else None,
         "entry_px": _pt(inst.entry_px) if inst else None,
-        "axis_angle_deg": _num(inst.angle_deg) if inst else None,
+        "axis_angle_deg": _num(inst.axis_angle_deg) if inst else None,
+        "tip_direction_deg": _num(inst.angle_deg) if inst else None,
         "instrument_length_mm": _num(inst.length_mm) if inst else None,
         "confidence": _num(inst.confidence) if inst else None,
         "target_present": tgt is not None,

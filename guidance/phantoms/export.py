@@ -18,6 +18,7 @@ Output:
   ``tip_px``                (N, 2) float64  tip (x, y); NaN when absent
   ``entry_px``              (N, 2) float64  where the instrument enters the field; NaN when absent
   ``axis_angle_deg``        (N,) float64    entry->tip angle to the x axis in [0, 180); NaN
+  ``tip_direction_deg``     (N,) float64    tangent at the tip, angle to the x axis in [0, 180); NaN
   ``target_centroid_px``    (N, 2) float64  lesion centroid; NaN when none in view
   ``target_radius_px``      (N,) float64    equivalent lesion radius (0 when none)
   ``labels``                (N, H, W) uint8 label maps (0 background, 1 instrument, 2 target)
@@ -176,6 +177,9 @@ def _write_truth(path: Path, frames: list[PhantomFrame], meta: dict[str, Any]) -
         "entry_px": np.array([_nan2(f.entry_px) for f in frames], np.float64).reshape(-1, 2),
         "axis_angle_deg": np.array(
             [math.nan if f.axis_angle_deg is None else f.axis_angle_deg for f in frames], np.float64
+        ),
+        "tip_direction_deg": np.array(
+            [math.nan if f.tip_direction_deg is None else f.tip_direction_deg for f in frames], np.float64
         ),
         "target_centroid_px": np.array([_nan2(f.target_centroid_px) for f in frames], np.float64).reshape(
             -1, 2

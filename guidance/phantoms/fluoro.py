@@ -400,11 +400,11 @@ class FluoroPhantom:
         if not present:
             tip = entry = None
             centerline = None
-        axis = (
-            axis_angle_deg((tip[0] - entry[0], tip[1] - entry[1]))
-            if tip is not None and entry is not None
-            else None
-        )
+        axis = heading = None
+        if tip is not None and entry is not None:
+            axis = axis_angle_deg((tip[0] - entry[0], tip[1] - entry[1]))
+            back = self._point_at(s_tip - 2.0)  # the path's tangent at the tip (its last ~1.5 px segment)
+            heading = axis_angle_deg((tip[0] - back[0], tip[1] - back[1]))
         return PhantomFrame(
             index=index,
             time_s=t,
@@ -414,6 +414,7 @@ class FluoroPhantom:
             tip_px=tip,
             entry_px=entry,
             axis_angle_deg=axis,
+            tip_direction_deg=heading,
             target_centroid_px=centroid,
             target_radius_px=math.sqrt(self._target_area / math.pi),
             spacing_mm=self.spacing_mm,

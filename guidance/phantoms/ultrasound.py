@@ -661,6 +661,7 @@ class UltrasoundPhantom:
             tip_px=tip,
             entry_px=entry if present else None,
             axis_angle_deg=axis_angle_deg(self._dir) if present else None,
+            tip_direction_deg=axis_angle_deg(self._dir) if present else None,  # a straight needle
             target_centroid_px=centroid,
             target_radius_px=math.sqrt(self._target_area / math.pi),
             spacing_mm=self.spacing_mm,

@@ -288,3 +288,61 @@ def test_interp_scattered_wire_echoes_are_no_instrument(shape: tuple[int, int]) 
     one = np.zeros(shape, np.uint8)
     cv2.line(one, (round(0.2 * w), round(0.3 * h)), (round(0.3 * w), round(0.3 * h) + 3), INSTRUMENT, 3)
     assert Interpreter(tip_filter=None).update(one, (0.2, 0.2), 0.0).instrument is not None
+
+
+def _arc_labels(center: tuple[float, float], r: float, a0: float, a1: float, width: float) -> np.ndarray:
+    lab = np.zeros((H, W), np.uint8)
+    for p, q in itertools.pairwise(_arc(center, r, a0, a1, n=120)):
+        fill_segment(lab, tuple(p), tuple(q), width, INSTRUMENT)
+    return lab
+
+
+@pytest.mark.parametrize(
+    ("arc", "width", "curved"),
+    [
+        # strongly curved (the interpreter's curved branch): 60 degrees of turn on screen
+        (((128.0, 250.0), 150.0, -150.0, -90.0), 4.0, True),
+        # gently bent, a thin guidewire: 2.4 px of sagitta over 110 px, within the line fit's tolerance,
+        # so read as one line and then as a parabola; its tip points 5 degrees off its chord
+        (((128.0, 760.0), 631.0, -100.0, -90.0), 2.0, False),
+    ],
+)
+def test_interp_heading_at_the_tip_of_a_bent_shaft(
+    arc: tuple[tuple[float, float], float, float, float], width: float, curved: bool
+) -> None:
+    """The direction (and the trajectory) follows the tangent at the tip, not the entry -> tip chord; the
+    axis angle stays the chord's. ``arc``: centre, radius, start and end angle (degrees)."""
+    center, r, a0, a1 = arc
+    lab = _arc_labels(center, r, a0, a1, width)
+    ends = _arc(center, r, a0, a1, n=2)
+    entry, tip = tuple(ends[0]), tuple(ends[1])
+    tangent = math.degrees(math.atan2(math.cos(math.radians(a1)), -math.sin(math.radians(a1)))) % 180.0
+    chord = math.degrees(math.atan2(tip[1] - entry[1], tip[0] - entry[0])) % 180.0
+    inst = Interpreter(tip_filter=None).update(lab, (0.2, 0.2), 0.0).instrument
+    assert inst is not None
+    assert (inst.centerline_px.shape[0] > 2) == curved
+
+    def err(a: float, b: float) -> float:
+        d = abs(a - b) % 180.0
+        return min(d, 180.0 - d)
+
+    assert err(tangent, chord) >= 4.5  # the two really differ here
+    assert err(inst.angle_deg, tangent) <= 2.0
+    assert err(inst.axis_angle_deg, chord) <= 1.5
+    assert math.dist(inst.raw_tip_px, tip) <= 2.0
+    # direction points onwards from the tip (away from the entry along the tangent)
+    assert inst.direction[0] * (tip[0] - entry[0]) + inst.direction[1] * (tip[1] - entry[1]) > 0
+
+
+def test_interp_straight_needle_heading_is_its_axis() -> None:
+    # a slightly ragged straight needle: the parabola must not invent a bend
+    rng = np.random.default_rng(0)
+    lab = needle_labels((0.0, 60.0), (180.0, 150.0), width=4.0)
+    ys, xs = np.nonzero(lab)
+    drop = rng.random(xs.size) < 0.15
+    lab[ys[drop], xs[drop]] = 0
+    inst = Interpreter(tip_filter=None).update(lab, (0.2, 0.2), 0.0).instrument
+    assert inst is not None
+    true_angle = math.degrees(math.atan2(90.0, 180.0)) % 180.0
+    assert abs(inst.angle_deg - true_angle) <= 0.5
+    assert abs(inst.axis_angle_deg - true_angle) <= 0.5

@@ -110,6 +110,7 @@ def test_model_evaluation_command_writes_report(tmp_path: Path) -> None:
         "tip_error_mm_median",
         "tip_error_mm_p95",
         "angle_error_deg_median",
+        "tip_direction_error_deg_median",
         "false_detection_rate",
     ):
         assert key in report["model"]["us"]
@@ -239,3 +240,43 @@ def test_model_evaluation_feeds_a_temporal_model_the_frame_before_each_one(tmp_p
     got = [seen[i] for i in (0, 2, 4, 5, 7, 9)]  # skip the priming calls
     for g, e in zip(got, expected, strict=True):
         assert (g == e).mean() > 0.999
+
+
+def test_model_evaluation_compares_each_angle_with_the_truth_it_estimates() -> None:
+    """The axis (entry -> tip chord) is scored against the phantom's chord, the heading at the tip against
+    the path's tangent there; a curved catheter's two truths differ, and a heading is not charged the bend."""
+    from guidance.phantoms import FluoroPhantom
+
+    p = FluoroPhantom(seed=4, instrument=True, instrument_kind="catheter", curvature=0.4)
+    frame = next(
+        f
+        for f in (p.frame(i) for i in range(40, 200, 5))
+        if f.instrument_present
+        and f.axis_angle_deg is not None
+        and f.tip_direction_deg is not None
+        and evaluation._angle_between(f.axis_angle_deg, f.tip_direction_deg) > 5.0
+    )
+    assert frame.tip_px is not None
+    assert frame.axis_angle_deg is not None
+    assert frame.tip_direction_deg is not None
+    bend = evaluation._angle_between(frame.axis_angle_deg, frame.tip_direction_deg)
+
+    def score(axis: float, heading: float) -> evaluation.ModalityReport:
+        acc = evaluation._Accumulator()
+        acc.start_sequence()
+        geo = evaluation.Geometry(True, frame.tip_px, axis_angle_deg=axis, direction_deg=heading)
+        acc.add(frame, frame.labels, geo, 1.0)
+        return acc.report()
+
+    exact = score(frame.axis_angle_deg, frame.tip_direction_deg)
+    assert exact.angle_error_deg_median == pytest.approx(0.0, abs=1e-9)
+    assert exact.tip_direction_error_deg_median == pytest.approx(0.0, abs=1e-9)
+    chord_only = score(frame.axis_angle_deg, frame.axis_angle_deg)  # a reader that ignores the bend
+    assert chord_only.angle_error_deg_median == pytest.approx(0.0, abs=1e-9)
+    assert chord_only.tip_direction_error_deg_median == pytest.approx(bend)
+    assert evaluation._angle_between(179.0, 1.0) == pytest.approx(2.0)
+    rows = evaluation.check_targets(
+        {"model": {"fluoro": exact.to_dict()}, "baseline": {"fluoro": chord_only.to_dict()}}
+    )
+    row = next(r for r in rows if r["figure"] == "tip_direction_error_deg_median")
+    assert row["better_than_baseline"] is True

@@ -48,6 +48,7 @@ def test_model_segment_folder_of_8_and_16_bit_images(tmp_path: Path, tiny_model:
             "tip_px",
             "tip_mm",
             "axis_angle_deg",
+            "tip_direction_deg",
             "target_centroid_px",
             "target_area_mm2",
             "tip_to_target_mm",

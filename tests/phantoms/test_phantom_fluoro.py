@@ -99,3 +99,34 @@ def test_phantom_fluoro_faintest_target_is_visible_at_low_dose(kind: str) -> Non
     contrast = img[near].mean() - img[target > 0].mean()
     assert contrast > 1.0 * img[near].std()  # per-pixel contrast-to-noise above one
     assert all(0.4 <= FluoroConfig.sample(s).target_mu <= 0.8 for s in range(40))
+
+
+@pytest.mark.parametrize("kind", ["needle", "catheter"])
+def test_phantom_fluoro_tip_direction_is_the_tangent_at_the_tip(kind: str) -> None:
+    """``tip_direction_deg`` is the path's heading at the tip: the needle's axis; for a curved catheter
+    the direction of the centreline's last stretch, which differs from the entry -> tip chord."""
+    p = FluoroPhantom(seed=4, instrument=True, instrument_kind=kind, curvature=0.4)
+    bends = []
+    for i in range(20, 150, 10):
+        f = p.frame(i)
+        if not f.instrument_present:
+            continue
+        assert f.tip_direction_deg is not None
+        assert f.axis_angle_deg is not None
+        assert f.centerline_px is not None
+        assert f.tip_px is not None
+        line = f.centerline_px
+        back = line[np.hypot(line[:, 0] - f.tip_px[0], line[:, 1] - f.tip_px[1]) >= 3.0]
+        if not len(back):
+            continue
+        dx, dy = f.tip_px[0] - back[-1][0], f.tip_px[1] - back[-1][1]
+        last = math.degrees(math.atan2(dy, dx)) % 180.0
+        d = abs(last - f.tip_direction_deg) % 180.0
+        assert min(d, 180.0 - d) <= 3.0
+        b = abs(f.tip_direction_deg - f.axis_angle_deg) % 180.0
+        bends.append(min(b, 180.0 - b))
+    assert len(bends) >= 5
+    if kind == "needle":
+        assert max(bends) < 1e-6
+    else:
+        assert max(bends) > 5.0

@@ -71,6 +71,7 @@ def test_phantom_ground_truth_matches_labels(seed: int) -> None:
         assert along.max() <= length + 1.0
         angle = math.degrees(math.atan2(direction[1], direction[0])) % 180.0
         assert abs(angle - f.axis_angle_deg) < 1e-6
+        assert f.tip_direction_deg == f.axis_angle_deg  # a straight needle heads along its axis
         # the needle enters from the top half and goes down
         assert direction[1] > 0
     assert seen_needle > 5 or not p.config.needle

@@ -67,11 +67,14 @@ def _constraints() -> list[str]:
 
 
 def want_torch() -> None:
-    """Install the pinned CPU torch when the tests should exercise the torch paths (CI, or asked)."""
+    """Install the pinned CPU torch and the rest of the ``train`` extra (tqdm for ``guidance train``'s progress
+    bar) when the tests should exercise the torch paths (CI, or asked). torch alone once left a venv where
+    the tests passed and ``guidance train`` stopped at its first line on a missing tqdm."""
     if os.environ.get("GUIDANCE_WITH_TORCH", os.environ.get("CI", "")).lower() in {"1", "true", "yes"}:
-        probe = subprocess.run([str(PY), "-c", "import torch"], capture_output=True, check=False)
+        probe = subprocess.run([str(PY), "-c", "import torch, onnx, tqdm"], capture_output=True, check=False)
         if probe.returncode != 0:
             _sh(PY, "-m", "pip", "install", "--quiet", *_constraints(), TORCH_CPU)
+            _sh(PY, "-m", "pip", "install", "--quiet", *_constraints(), "-e", ".[dev,train]")
 
 
 def cmd_run(args: list[str]) -> int:

@@ -408,3 +408,12 @@ def test_model_train_command_temporal_option() -> None:
     assert cfg.model == dataclasses.replace(base.model, in_channels=2, presence_head=True)
     assert cfg.temporal
     assert not base.temporal
+
+
+def test_model_training_runs_with_its_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """``guidance train`` shows a progress bar by default: its library (the ``train`` extra) is installed
+    wherever torch is, and the bar reaches the end of the steps."""
+    training.train(dataclasses.replace(TINY, steps=2), None, progress=True)
+    err = capsys.readouterr().err
+    assert "train" in err
+    assert "2/2" in err

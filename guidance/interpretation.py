@@ -164,13 +164,13 @@ class Interpreter:
             slope there, not from the chord. A catheter bent a few pixels points elsewhere than its chord
             (up to 13 degrees on the fluoroscopy validation phantoms). On the validation phantoms
             (48 sequences per modality, the shipped model's masks) 2 px cut the fluoroscopy heading error
-            from 0.71/10.8 to 0.50/8.3 degrees (median/p95) and left ultrasound at 0.14/2.5 (from
+            from 0.71/10.8 to 0.50/8.4 degrees (median/p95) and left ultrasound at 0.14/2.5 (from
             0.14/2.4); 1 px bent straight ultrasound needles (p95 3.5).
         heading_radius_px: on a curved shaft, the heading at the tip is the slope at the tip of a parabola
             fitted to the mask within this distance of it. The chord to the centreline point 10 px back
             lags the bend by half its turn over those pixels; on the same validation masks the parabola
-            over 20 px cut the curved catheters' heading error from 4.5/9.8 to 2.2/7.6 degrees (30 px:
-            2.4/7.5; 40 px: 3.0/11.3, as the parabola stops fitting the bend).
+            over 20 px cut the curved catheters' heading error from 4.5/9.8 to 2.2/7.9 degrees (30 px:
+            2.4/7.5, 40 px: 3.0/11.3 in the trial script, as the parabola stops fitting the bend).
     """
 
     def __init__(
@@ -636,8 +636,8 @@ def _bent_heading(
 
 def _local_heading(pts: npt.NDArray[np.float32], tip: Point, d: Point, radius: float) -> Point:
     """Heading at the tip of a curved shaft: the slope at the tip of a parabola fitted to the pixels within
-    ``radius`` of it, in the frame of ``d`` (a first estimate of the heading). ``d`` where too few pixels
-    span too little of the radius to fit."""
+    ``radius`` of it, in the frame of ``d`` (a first estimate of the heading). ``d`` itself where there are too few
+    such pixels, or they span too little of the radius to fit."""
     rx, ry = pts[:, 0] - np.float32(tip[0]), pts[:, 1] - np.float32(tip[1])
     near = rx * rx + ry * ry <= np.float32(radius * radius)
     if int(near.sum()) < 8:

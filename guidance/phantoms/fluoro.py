@@ -357,6 +357,7 @@ class FluoroPhantom:
         frac = cfg.insertion_fraction(t)
         tip: PointF | None = None
         entry: PointF | None = None
+        heading: float | None = None  # the path's tangent at the tip
         centerline: npt.NDArray[np.float32] | None = None
         if math.isfinite(self._arc_entry):
             s_tip = self._arc_entry + frac * (self._arc_end - self._arc_entry)
@@ -367,6 +368,8 @@ class FluoroPhantom:
                 )
                 layer = np.zeros((h, w), np.float32)
                 tip = self._point_at(s_tip)
+                back = self._point_at(s_tip - 2.0)  # the path's last ~1.5 px segment
+                heading = axis_angle_deg((tip[0] - back[0], tip[1] - back[1]))
                 _draw_shaft(layer, pts, cfg.instrument_width_px)
                 lab_layer = layer > 0
                 mu += cfg.instrument_mu * layer
@@ -400,11 +403,12 @@ class FluoroPhantom:
         if not present:
             tip = entry = None
             centerline = None
-        axis = heading = None
-        if tip is not None and entry is not None:
-            axis = axis_angle_deg((tip[0] - entry[0], tip[1] - entry[1]))
-            back = self._point_at(s_tip - 2.0)  # the path's tangent at the tip (its last ~1.5 px segment)
-            heading = axis_angle_deg((tip[0] - back[0], tip[1] - back[1]))
+            heading = None
+        axis = (
+            axis_angle_deg((tip[0] - entry[0], tip[1] - entry[1]))
+            if tip is not None and entry is not None
+            else None
+        )
         return PhantomFrame(
             index=index,
             time_s=t,

@@ -91,6 +91,9 @@ class ModelCard:
     #: The input is ``[current frame, current frame - previous frame]`` (card ``input.channel_meaning``);
     #: the engine keeps the previous frame of the stream and forgets it on ``reset()``.
     temporal: bool = False
+    #: The graph averages the frame's logits with its left-right mirror image's (card ``test_time.mirror``
+    #: ``"horizontal"``): two network passes per frame. A backend that runs the network itself must too.
+    mirror: bool = False
 
     @property
     def torch_weights_path(self) -> Path:
@@ -184,6 +187,15 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             raise ModelAssetError(
                 f"model card {card_path}: output presence_threshold {presence_threshold} is not in [0, 1]"
             )
+        test_time = data.get("test_time") or {}
+        if not isinstance(test_time, Mapping):
+            raise ModelAssetError(f"model card {card_path}: test_time must be an object")
+        mirror_axis = test_time.get("mirror")
+        if mirror_axis not in (None, "horizontal"):
+            raise ModelAssetError(
+                f"model card {card_path}: test_time mirror {mirror_axis!r} is not supported "
+                "(this build averages the horizontal mirror only)"
+            )
         return ModelCard(
             name=str(_req(data, "name", card_path)),
             version=str(data.get("version", "")),
@@ -203,6 +215,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             decision_bias=tuple(bias) if any(bias) else (),
             presence_threshold=presence_threshold,
             temporal=temporal,
+            mirror=mirror_axis == "horizontal",
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc

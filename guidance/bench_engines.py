@@ -51,6 +51,12 @@ def add_engines_bench(subparsers: Any) -> argparse.ArgumentParser:
         "--model", default=None, help="model card/ONNX path or name (default: shipped, else random)"
     )
     p.add_argument("--backends", default="", help="comma-separated subset (default: every available one)")
+    p.add_argument(
+        "--versus",
+        default=None,
+        help="a second model card, run on onnxruntime in the same interleaved loop (row "
+        "'onnxruntime:versus'), e.g. the single-view candidate against the shipped mirrored model",
+    )
     p.add_argument("--tiny", action="store_true", help="use the tiny random network (quick smoke runs)")
     p.add_argument(
         "--omp-active",
@@ -106,7 +112,12 @@ def _model_for(size: int, args: argparse.Namespace, tmp: Path) -> Path:
     return make_random_model(tmp, size, size, tiny=bool(args.tiny))
 
 
-def _engines(model: Path, wanted: set[str]) -> tuple[dict[str, SegmentationEngine], list[str]]:
+VERSUS = "onnxruntime:versus"
+
+
+def _engines(
+    model: Path, wanted: set[str], versus: Path | None = None
+) -> tuple[dict[str, SegmentationEngine], list[str]]:
     from engines import registry
     from engines.backends.torch_backend import TorchEngine, probe_cuda
 
@@ -135,12 +146,30 @@ def _engines(model: Path, wanted: set[str]) -> tuple[dict[str, SegmentationEngin
             engines[BASELINE] = base
         except EngineError as exc:
             errors.append(f"{BASELINE}: {exc}")
+    if versus is not None:
+        try:
+            other = registry.create("onnxruntime", model=versus)
+            other.load()
+            engines[VERSUS] = other
+        except EngineError as exc:
+            errors.append(f"{VERSUS}: {exc}")
     return engines, errors
+
+
+def _versus_for(size: int, ref: str | None) -> Path | None:
+    """The ``--versus`` model's card when its input is ``size`` square (else None: nothing to compare)."""
+    if not ref:
+        return None
+    from engines.assets import load_model_card, resolve_model
+
+    card = load_model_card(resolve_model(ref))
+    return card.card_path if card.input_hw == (size, size) else None
 
 
 def bench_size(size: int, model: Path, args: argparse.Namespace) -> tuple[list[BenchRow], list[str]]:
     wanted = {b.strip() for b in args.backends.split(",") if b.strip()}
-    engines, errors = _engines(model, wanted)
+    versus = _versus_for(size, getattr(args, "versus", None))
+    engines, errors = _engines(model, wanted, versus)
     frames = _frames(size)
     hists = {name: LatencyHistogram(name) for name in engines}
     names = list(engines)
@@ -193,14 +222,14 @@ def bench_size(size: int, model: Path, args: argparse.Namespace) -> tuple[list[B
 
 def format_table(rows: list[BenchRow]) -> str:
     head = (
-        f"{'size':>5} {'backend':<12} {'device':<26} {'prec':<5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'size':>5} {'backend':<18} {'device':<26} {'prec':<5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'fps':>7} {'vs eager':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r.vs_torch_eager:.2f}x" if r.vs_torch_eager else "-"
         lines.append(
-            f"{r.size:>5} {r.backend:<12} {r.device[:26]:<26} {r.precision:<5} {r.p50_ms:>8.2f} "
+            f"{r.size:>5} {r.backend:<18} {r.device[:26]:<26} {r.precision:<5} {r.p50_ms:>8.2f} "
             f"{r.p99_ms:>8.2f} {r.max_ms:>8.2f} {r.fps:>7.1f} {ratio:>8}"
         )
     return "\n".join(lines)

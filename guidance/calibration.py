@@ -31,6 +31,10 @@ training loop monitors, and disjoint from the held-out evaluation seeds):
   decides its connected-component post-processing. When it does, the card's ``postprocess`` block turns
   it on for every backend.
 
+* **Mirrored views** (``mirror``, ``guidance calibrate --mirror``). Everything above is decided on the
+  logits averaged with those of each frame's mirror image (:class:`engines.models.unet.MirrorEnsemble`),
+  and the re-export carries the mirrored graph: the operating point belongs to the logits it was chosen on.
+
 :func:`apply_calibration` re-exports the ONNX with the chosen bias and writes the card with both, plus
 the sweep itself under ``calibration``. Torch (the ``train`` extra) is needed: the sweep runs the network
 once per frame and re-decides the labels for every bias in numpy.
@@ -53,7 +57,14 @@ import torch
 
 from engines.base import INSTRUMENT, TARGET, SegmentationOutput
 from engines.models.preprocess import normalize, temporal_input
-from engines.models.unet import CardInfo, UNet, UNetConfig, export_model_asset, read_model_card
+from engines.models.unet import (
+    CardInfo,
+    MirrorEnsemble,
+    UNet,
+    UNetConfig,
+    export_model_asset,
+    read_model_card,
+)
 from engines.preprocess import keep_main_region, keep_seeded_regions
 from guidance.evaluation import GeometryReader, ModalityReport, _Accumulator, geometry_reader_factory
 from guidance.phantoms import PhantomFrame, make_phantom
@@ -94,6 +105,9 @@ class CalibrationConfig:
     # so the seeds reach past the top bias. float32 resolves 1 - p down to about 6e-8.
     seed_probs: tuple[float, ...] = (0.999, 0.9997, 0.9999, 0.99997, 0.99999)
     seed_biases: tuple[float, ...] = (0.0, 1.0, 2.0)
+    # Average each frame's logits with its mirror image's (engines.models.unet.MirrorEnsemble); the
+    # operating point is then chosen for, and exported with, the mirrored graph.
+    mirror: bool = False
 
 
 def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
@@ -117,14 +131,14 @@ def _outputs(
             prev = previous[i]
             plane = temporal_input(plane, None if prev is None else normalize(prev.image))
         batch.append(plane)
-    with_presence = isinstance(model, UNet) and model.presence is not None
+    with_presence = isinstance(model, UNet | MirrorEnsemble) and model.presence is not None
     out, present = [], []
     with torch.inference_mode():
         for i in range(0, len(batch), 16):
             stacked = np.stack(batch[i : i + 16]).astype(np.float32)
             x = torch.from_numpy(stacked[:, None] if stacked.ndim == 3 else stacked)
             if with_presence:
-                assert isinstance(model, UNet)
+                assert isinstance(model, UNet | MirrorEnsemble)
                 logits, presence = model.forward_with_presence(x)
                 assert presence is not None
                 present.append(torch.sigmoid(presence).numpy())
@@ -282,6 +296,10 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
     """Sweep the bias and the single-region rule on validation sequences; return the JSON-ready report."""
     model.eval()
     temporal = isinstance(model, UNet) and model.config.in_channels == 2
+    if cfg.mirror:
+        if not isinstance(model, UNet):
+            raise CalibrationError(f"mirrored calibration needs a UNet, got {type(model).__name__}")
+        model = MirrorEnsemble(model).eval()
     reader_factory, reader_desc = geometry_reader_factory()
     data: dict[str, list[list[PhantomFrame]]] = {}
     logits: dict[str, list[npt.NDArray[np.float32]]] = {}
@@ -401,6 +419,7 @@ def calibrate(model: torch.nn.Module, cfg: CalibrationConfig = CalibrationConfig
         "target_logit_bias": target_bias,
         "presence_gate": presence_report,
         "single_region_target": {"enabled": use_single, **single},
+        "mirror": cfg.mirror,
     }
 
 
@@ -470,6 +489,7 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
         instrument_logit_bias=bias,
         target_logit_bias=target_bias,
         presence_threshold=presence_threshold,
+        mirror=bool(report.get("mirror", False)),
     )
     if weights.resolve() != (out_dir / f"{name}.pt").resolve():
         shutil.copyfile(weights, out_dir / f"{name}.pt")

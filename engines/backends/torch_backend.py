@@ -72,7 +72,8 @@ def probe_cuda() -> str | None:
 
 
 def build_torch_model(card: ModelCard) -> Any:
-    """The card's architecture with its ``.pt`` state dict loaded, in eval mode, on the CPU."""
+    """The card's architecture with its ``.pt`` state dict loaded, in eval mode, on the CPU (wrapped in
+    :class:`engines.models.unet.MirrorEnsemble` when the card's graph averages the mirrored view)."""
     import torch
 
     try:
@@ -96,6 +97,8 @@ def build_torch_model(card: ModelCard) -> Any:
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelAssetError(f"torch weights {weights} do not fit {card.label}: {exc}") from exc
     model.eval()
+    if card.mirror:  # as the card's ONNX graph does: average with the mirrored view
+        return unet.MirrorEnsemble(model).eval()
     return model
 
 

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=0.02,
         help="largest acceptable false instrument detection rate (default 0.02)",
     )
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="average each frame's logits with its left-right mirror image's (two network passes per "
+        "frame); the operating point is chosen for, and exported with, that graph",
+    )
     p.set_defaults(func=run)
 
 
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"calibration needs the 'train' extra (pip install -e '.[train]'): {exc}"
         ) from None
-    cfg = calibration.CalibrationConfig(max_false_detection=args.max_false_detection)
+    cfg = calibration.CalibrationConfig(max_false_detection=args.max_false_detection, mirror=args.mirror)
     if args.sequences is not None:
         cfg = dataclasses.replace(cfg, sequences=args.sequences)
     try:
@@ -60,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     logger.info(
-        "instrument bias %g (%s); target bias %g; single-region target %s; wrote %s and %s",
+        "instrument bias %g (%s); target bias %g; single-region target %s%s; wrote %s and %s",
         report["instrument_logit_bias"],
         report["bias_rule"],
         report["target_logit_bias"],
         "on" if report["single_region_target"]["enabled"] else "off",
+        "; mirrored" if report.get("mirror") else "",
         onnx_path,
         card_path,
     )

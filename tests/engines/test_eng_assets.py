@@ -151,3 +151,24 @@ def test_eng_card_with_an_unknown_channel_meaning_is_refused(
     assert "understands only ['current frame'] with 1 channel" in msg
     assert "['current frame', 'current frame minus previous frame'] with 2 channels" in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("mirror", ["vertical", "both", 1])
+def test_eng_card_with_an_unknown_test_time_mirror_is_refused(
+    tiny_model: Path, tmp_path: Path, mirror: object
+) -> None:
+    """A graph this build does not know how to reproduce in torch is refused, not run half-right."""
+    card_path = _copy(tiny_model, tmp_path)
+    data = json.loads(card_path.read_text())
+    data["test_time"] = {"mirror": mirror}
+    card_path.write_text(json.dumps(data))
+    with pytest.raises(ModelAssetError) as info:
+        load_model_card(card_path)
+    msg = str(info.value)
+    assert str(card_path) in msg
+    assert "mirror" in msg
+    assert "horizontal" in msg
+    assert "\n" not in msg
+    data["test_time"] = {"mirror": "horizontal"}
+    card_path.write_text(json.dumps(data))
+    assert load_model_card(card_path).mirror is True

@@ -391,3 +391,31 @@ def test_eng_card_channels_must_match_the_onnx_input(model_dir: Path, tmp_path: 
     with pytest.raises(EngineError, match="has 1 channels, the card says 2"):
         engine.load()
     engine.close()
+
+
+@needs_torch
+def test_eng_mirrored_model_agrees_across_backends(model_dir: Path, tmp_path: Path) -> None:
+    """A card whose graph averages the mirrored view: torch (which runs the network itself) averages it
+    too, so both backends give the same labels and probabilities, and they differ from one view's."""
+    import torch
+
+    from engines.models import unet
+
+    model = unet.build_model(unet.TINY_CONFIG)
+    model.load_state_dict(torch.load(model_dir / "labels.pt", weights_only=True))
+    model.eval()
+    _, card = unet.export_model_asset(
+        model, tmp_path, unet.CardInfo(name="mirrored", version="0"), height=64, width=64, mirror=True
+    )
+    torch.save(model.state_dict(), card.with_suffix(".pt"))
+    assert isinstance(torch_backend.build_torch_model(assets.load_model_card(card)), unet.MirrorEnsemble)
+    single = _run(onnxruntime_backend.OnnxRuntimeEngine(model_dir / "labels.json", device="cpu"))
+    ref = _run(onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu"))
+    for engine in (
+        torch_backend.TorchEngine(card, device="cpu", optimize=False),
+        torch_backend.TorchEngine(card, device="cpu"),
+    ):
+        for (la, pa), (lb, pb) in zip(ref, _run(engine), strict=True):
+            assert (la == lb).mean() >= 0.999
+            np.testing.assert_allclose(pa, pb, atol=1e-4)
+    assert max(float(np.abs(pa - ps).max()) for (_, pa), (_, ps) in zip(ref, single, strict=True)) > 1e-3

@@ -70,3 +70,29 @@ def test_eng_bench_engines_writes_json_and_report(
     assert "torch-eager" in (tmp_path / "rep" / "engines.html").read_text()
     assert "vs eager" in capsys.readouterr().out
     assert data["meta"]["omp_wait_policy"] == "PASSIVE"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_eng_bench_engines_runs_a_second_model_in_the_same_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--versus CARD``: a second model on onnxruntime is timed interleaved with the first, at its size."""
+    from engines.assets import make_random_model
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    other = make_random_model(tmp_path / "other", 32, 32, tiny=True, seed=3, name="other")
+    parser = argparse.ArgumentParser()
+    bench_engines.add_engines_bench(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            *("engines", "--json", str(tmp_path / "r.json"), "--sizes", "32,64", "--iterations", "2"),
+            *("--warmup", "0", "--tiny", "--backends", "onnxruntime", "--versus", str(other)),
+        ]
+    )
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    by_size = {s: {r["backend"]: r for r in rows if r["size"] == s} for s in (32, 64)}
+    assert set(by_size[32]) == {"onnxruntime", "onnxruntime:versus"}
+    assert by_size[32]["onnxruntime:versus"]["model"].startswith("other")
+    assert by_size[32]["onnxruntime:versus"]["count"] == 2
+    assert set(by_size[64]) == {"onnxruntime"}  # the second model is 32x32: nothing to compare at 64

@@ -261,3 +261,41 @@ def test_calibration_feeds_a_temporal_model_the_frame_before_each_one() -> None:
     )
     report = calibration.calibrate(model, cfg)
     assert [row["bias"] for row in report["sweep"]] == [0.0]
+
+
+def test_calibration_with_mirror_scores_and_exports_the_mirrored_graph(tmp_path: Path) -> None:
+    """``mirror=True``: the sweep runs on the mirror-averaged logits and the re-export carries them."""
+    import onnxruntime as ort
+
+    from engines.models.unet import MirrorEnsemble
+
+    cfg = calibration.CalibrationConfig(
+        biases=(0.0,),
+        target_biases=(0.0,),
+        sequences=1,
+        frames=2,
+        stride=5,
+        seed_biases=(0.0,),
+        seed_probs=(0.999,),
+    )
+    torch.manual_seed(0)
+    model = build_model(TINY_CONFIG)
+    frames = [calibration.make_phantom("us", seed=1, width=256, height=256).frame(0)]
+    plain, _ = calibration._outputs(model.eval(), frames, 256)
+    mirrored, _ = calibration._outputs(MirrorEnsemble(model).eval(), frames, 256)
+    assert np.abs(plain - mirrored).max() > 1e-3
+    report = calibration.calibrate(model, dataclasses.replace(cfg, mirror=True))
+    assert report["mirror"] is True
+    assert report["config"]["mirror"] is True
+    assert calibration.calibrate(model, cfg)["mirror"] is False
+
+    _, card_path = export_test_model(tmp_path / "run", name="m")
+    torch.save(model.state_dict(), card_path.with_suffix(".pt"))
+    onnx_path, new_card = calibration.apply_calibration(card_path, tmp_path / "out", report)
+    card = load_model_card(new_card)
+    assert card.mirror is True
+    x = np.random.default_rng(2).random((1, 1, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    a = sess.run(["logits"], {"image": x})[0]
+    b = sess.run(["logits"], {"image": np.ascontiguousarray(x[..., ::-1])})[0]
+    np.testing.assert_allclose(b[..., ::-1], a, atol=1e-5)

@@ -232,3 +232,54 @@ def test_model_presence_head_exports_its_score_and_gates_the_instrument(tmp_path
     # The head's MACs are counted: (2 * 8 + 4) pooled features -> 32 -> 1.
     plain = count_macs(build_model(TINY_CONFIG), (1, 1, 32, 32))
     assert count_macs(model, (1, 1, 32, 32)) - plain == 20 * 32 + 32
+
+
+def test_model_mirrored_export_averages_both_views_and_is_mirror_equivariant(tmp_path: Path) -> None:
+    """``mirror=True``: the graph's logits are the mean of f(x) and the mirrored f(mirrored x), so a
+    mirrored frame gives exactly the mirrored result (a single view does not); the card says so."""
+    from engines.assets import load_model_card
+    from engines.models.unet import MirrorEnsemble
+
+    torch.manual_seed(4)
+    model = build_model(UNetConfig(widths=(8, 16, 16, 32), bottleneck_dilations=(1, 2)))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(2, 1, 64, 64))
+    model.eval()
+    info = CardInfo(name="mirrored", version="0")
+    onnx_path, card_path = export_model_asset(
+        model, tmp_path, info, height=64, width=96, instrument_logit_bias=0.5, mirror=True
+    )
+    x = np.random.default_rng(5).random((1, 1, 64, 96), dtype=np.float32)
+    xm = np.ascontiguousarray(x[..., ::-1])
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits, labels, prob = sess.run(None, {"image": x})
+    with torch.no_grad():
+        single = model(torch.from_numpy(x)).numpy()
+        single_m = model(torch.from_numpy(xm)).numpy()
+        wrapped = MirrorEnsemble(model).eval()(torch.from_numpy(x)).numpy()
+    by_hand = 0.5 * (single + single_m[..., ::-1])
+    np.testing.assert_allclose(logits, by_hand, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(wrapped, by_hand, atol=1e-5)
+    assert logits.shape == (1, 3, 64, 96)
+    assert labels.shape == prob.shape == (1, 64, 96)
+    logits_m, labels_m, prob_m = sess.run(None, {"image": xm})
+    np.testing.assert_allclose(logits_m[..., ::-1], logits, atol=1e-5)
+    np.testing.assert_allclose(prob_m[..., ::-1], prob, atol=1e-6)
+    top2 = np.sort(logits[0] - np.array([0.0, 0.5, 0.0], np.float32)[:, None, None], axis=0)
+    decisive = (top2[-1] - top2[-2]) > 1e-4
+    np.testing.assert_array_equal(labels_m[0][:, ::-1][decisive], labels[0][decisive])
+    assert np.abs(single_m[..., ::-1] - single).max() > 1e-2  # one view alone is not equivariant
+
+    card = json.loads(card_path.read_text())
+    macs = card["architecture"]["macs_per_frame"]
+    assert card["test_time"]["mirror"] == "horizontal"
+    assert card["test_time"]["passes_per_frame"] == 2
+    assert card["test_time"]["macs_per_frame"] == 2 * macs
+    assert load_model_card(card_path).mirror is True
+    _, plain_card = export_model_asset(
+        model, tmp_path, CardInfo(name="plain", version="0"), height=64, width=96
+    )
+    assert "test_time" not in json.loads(plain_card.read_text())
+    assert load_model_card(plain_card).mirror is False

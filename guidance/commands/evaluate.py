@@ -30,6 +30,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--plus-dir", type=Path, default=None, help="folder of PLUS recordings (default shared data)"
     )
     p.add_argument("--no-plus", action="store_true", help="skip the real PLUS recordings")
+    p.add_argument(
+        "--scenario",
+        choices=("heldout", "low-dose-vessels"),
+        default="heldout",
+        help="which sequences: the held-out acceptance set (default), or a development set for one "
+        "failure mode (low-dose-vessels: fluoroscopy only, no PLUS recordings, never written into a card)",
+    )
     p.add_argument("--update-card", type=Path, default=None, help="write the figures into this model card")
     p.add_argument(
         "--grid", type=Path, default=None, help="also draw a PNG grid of predicted vs true contours"
@@ -42,10 +49,19 @@ def run(args: argparse.Namespace) -> int:
     from guidance import evaluation
     from guidance.cli import CommandError
 
-    modalities = ("us", "fluoro") if args.modality == "both" else (args.modality,)
-    plus_dir = None if args.no_plus else (args.plus_dir or evaluation.PLUS_DIR)
+    scenario = evaluation.SCENARIOS[args.scenario]
+    modalities: tuple[str, ...] = ("us", "fluoro") if args.modality == "both" else (args.modality,)
+    if scenario.modalities is not None:
+        modalities = tuple(m for m in modalities if m in scenario.modalities) or scenario.modalities
+    plus_dir = None if args.no_plus or not scenario.for_card else (args.plus_dir or evaluation.PLUS_DIR)
+    if args.update_card is not None and not scenario.for_card:
+        raise CommandError(f"--update-card takes held-out figures only, not the {scenario.name} set")
     cfg = evaluation.EvalConfig(
-        modalities=modalities, sequences=args.sequences, frames=args.frames, plus_dir=plus_dir
+        modalities=modalities,
+        sequences=args.sequences,
+        frames=args.frames,
+        plus_dir=plus_dir,
+        scenario=scenario.name,
     )
     try:
         report = evaluation.evaluate(

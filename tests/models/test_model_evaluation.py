@@ -280,3 +280,92 @@ def test_model_evaluation_compares_each_angle_with_the_truth_it_estimates() -> N
     )
     row = next(r for r in rows if r["figure"] == "tip_direction_error_deg_median")
     assert row["better_than_baseline"] is True
+
+
+def test_model_evaluation_false_detections_are_counted_per_sequence() -> None:
+    """Six flagged frames in one of four sequences: the rate says 25 %, the sequence count says it rests
+    on one draw, and the interval that resamples sequences is wider than the one that counts frames."""
+    import dataclasses
+
+    from guidance.phantoms import make_phantom
+
+    blank = make_phantom("fluoro", seed=1, width=32, height=32).frame(0)
+    free = dataclasses.replace(
+        blank, labels=np.zeros((32, 32), np.uint8), instrument_present=False, tip_px=None
+    )
+    acc = evaluation._Accumulator()
+    for k in range(4):
+        acc.start_sequence()
+        for _ in range(6):
+            acc.add(free, free.labels, evaluation.Geometry(k == 2), 1.0)
+    r = acc.report()
+    assert r.false_detection_rate == pytest.approx(0.25)
+    assert r.false_detection_sequences == (1, 4)
+    wilson, by_seq = r.false_detection_ci95, r.false_detection_ci95_by_sequence
+    assert wilson is not None
+    assert by_seq is not None
+    assert by_seq[0] == pytest.approx(0.0)  # resamples without the bad sequence exist
+    assert by_seq[1] - by_seq[0] > wilson[1] - wilson[0]
+    np.testing.assert_allclose(
+        by_seq, evaluation.bootstrap_ratio_ci(np.array([0, 0, 6, 0]), np.array([6, 6, 6, 6])) or ()
+    )
+    rows = evaluation.check_targets({"model": {"fluoro": r.to_dict()}})
+    row = next(x for x in rows if x["figure"] == "false_detection_rate")
+    assert row["sequences"] == (1, 4)
+    assert row["ci95_by_sequence"] == by_seq
+    line = next(x for x in evaluation.summary_lines({"targets": rows}) if "false_detection_rate" in x)
+    assert "1 of 4 sequences" in line
+    clean = evaluation._Accumulator()
+    clean.start_sequence()
+    clean.add(free, free.labels, evaluation.Geometry(False), 1.0)
+    assert clean.report().false_detection_sequences == (0, 1)
+
+
+def test_model_evaluation_low_dose_vessel_scenario_is_its_own_set(tmp_path: Path) -> None:
+    """The development set has its own seeds (apart from held-out, calibration and training), forces its
+    corner on every sequence, and its figures never go into a model card."""
+    from guidance.phantoms import make_phantom
+
+    cfg = evaluation.EvalConfig(
+        modalities=("fluoro",), sequences=4, frames=2, plus_dir=None, scenario="low-dose-vessels"
+    )
+    seeds = evaluation.heldout_seeds(cfg, 0)
+    assert seeds == [501_700, 501_701, 501_702, 501_703]
+    heldout = evaluation.heldout_seeds(evaluation.EvalConfig(sequences=24), 1)
+    assert not set(seeds) & set(heldout)
+    assert all(not 500_000 + 1000 + 100 <= s < 500_000 + 1000 + 148 for s in seeds)  # calibration's
+    data = evaluation.heldout_sequences(cfg)["fluoro"]
+    assert not any(f.instrument_present for f in data[0])  # k even: no instrument
+    for k, s in enumerate(seeds):
+        ph = make_phantom(
+            "fluoro", seed=s, width=256, height=256, **evaluation._low_dose_vessels("fluoro", s, k)
+        )
+        c = ph.config
+        assert 150.0 <= c.dose_photons <= 400.0
+        assert c.n_vessels >= 2
+        assert 0.35 <= c.vessel_mu <= 0.5
+        if k % 2 == 0:
+            assert c.instrument is False
+        np.testing.assert_array_equal(ph.frame(8).image, data[k][1].image)
+    with pytest.raises(evaluation.EvaluationError, match="no us sequences"):
+        evaluation.heldout_seeds(evaluation.EvalConfig(modalities=("us",), scenario="low-dose-vessels"), 0)
+    card = tmp_path / "card.json"
+    card.write_text("{}")
+    with pytest.raises(evaluation.EvaluationError, match="held-out figures only"):
+        evaluation.attach_evaluation(card, {"scenario": {"name": "low-dose-vessels"}, "model": {}})
+    with pytest.raises(SystemExit):  # argparse refuses an unknown scenario
+        main(["evaluate", "--json", str(tmp_path / "r.json"), "--scenario", "nope"])
+    assert (
+        main(
+            [
+                "evaluate",
+                "--json",
+                str(tmp_path / "r.json"),
+                "--scenario",
+                "low-dose-vessels",
+                "--update-card",
+                str(card),
+            ]
+        )
+        == 1
+    )

@@ -670,6 +670,8 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "better_than_baseline": None if v is None or b is None else v < b,
                 }
             )
+    if "plus" not in report:  # not run (--no-plus, or a development scenario): no row to meet or miss
+        return rows
     plus = report.get("plus", {}).get("model", {})
     v = plus.get("false_detection_rate")
     b = report.get("plus", {}).get("baseline", {}).get("false_detection_rate")

@@ -122,6 +122,7 @@ class InferenceWorker:
         self._last_dropped = 0
         self.rate = RateMeter(30)
         self._engine_label = engine.describe().label()
+        self._engine_model = engine.describe().model
         # Stream boundaries (see the module docstring). _stream_start is written by the receiver thread (one
         # int store), the rest only by the worker.
         self._stream_gap_ns = int(stream_gap_s * 1e9)
@@ -133,6 +134,11 @@ class InferenceWorker:
     @property
     def engine_label(self) -> str:
         return self._engine_label
+
+    @property
+    def engine_model(self) -> str:
+        """What the engine runs (a model card's name and version, or the classical method)."""
+        return self._engine_model
 
     def start(self) -> None:
         if self._thread is not None:
@@ -207,6 +213,7 @@ class InferenceWorker:
         self._retired.append(self.engine)
         self.engine = engine
         self._engine_label = engine.describe().label()
+        self._engine_model = engine.describe().model
         self._recent_over.clear()
 
     def _maybe_step_down(self, processing_ms: float) -> None:

@@ -55,6 +55,7 @@ class PipelineStats:
     last_error: str
     source: str
     engine_changes: tuple[str, ...] = ()
+    engine_model: str = ""  # the model card's name and version (or the classical method) the engine runs
     engine_note: str = ""  # background build progress, or the latest step-down/swap
     latency: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     last_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
@@ -303,6 +304,7 @@ class LiveSession:
         meta = {
             "source": self.source,
             "engine": self.worker.engine_label if self.worker else "",
+            "model": self.worker.engine_model if self.worker else "",
             **(metadata or {}),
         }
         recorder = Recorder(path, meta, on_error=self.report_error)
@@ -446,6 +448,7 @@ class LiveSession:
             or client_err,
             source=self.source,
             engine_changes=c.engine_changes if c else (),
+            engine_model=w.engine_model if w else "",
             engine_note=self.build_status
             or self._engine_warning
             or (c.engine_changes[-1] if c and c.engine_changes else ""),

@@ -386,7 +386,11 @@ class MainWindow(QMainWindow):
             m[key].setText(f"{_fmt_ms(last.get(key))} ms")
         m["budget"].setText(f"{_fmt_ms(stats.budget_ms)} ms")
         note = stats.engine_note
-        self.engine_label.setText((stats.engine_label or "–") + (f"\n{note}" if note else ""))
+        # Non-breaking hyphens: the card version wraps at its space, not inside the date.
+        model = stats.engine_model.replace("-", "\u2011")
+        self.engine_label.setText(
+            (stats.engine_label or "–") + (f"\n{model}" if model else "") + (f"\n{note}" if note else "")
+        )
         state = stats.connection or "idle"
         colour = _CONNECTION_COLOURS.get(state, theme.COLOURS.error)
         self.connection_label.setText(f"● {state}")

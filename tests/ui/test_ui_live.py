@@ -80,6 +80,10 @@ def test_ui_live_session_overlay_matches_result(qtbot: QtBot) -> None:
         window.refresh_stats()
         assert window.metric_labels["input_fps"].text().endswith("fps")
         assert window.engine_label.text() != "–"
+        model = session.stats().engine_model
+        assert model
+        shown_model = window.engine_label.text().replace("\u2011", "-")
+        assert model in shown_model  # which model draws the overlay is on screen
         assert window.painted_frames > 0
     finally:
         window.close()

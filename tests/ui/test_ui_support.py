@@ -103,6 +103,7 @@ class FakeStats:
     engine_errors: int = 0
     budget_ms: float = 33.3
     engine_label: str = "classical (cpu, n/a)"
+    engine_model: str = "hessian-ridge+hough / dark-blob (polarity bright)"
     engine_note: str = ""
     connection: str = "connected"
     last_error: str = ""

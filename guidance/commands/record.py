@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.duration < 0:
         raise CommandError("--duration must be >= 0")
     out: Path = args.out
+    if out.suffix.lower() != ".mcap":
+        raise CommandError(f"{out.name}: recordings are MCAP files; name the file *.mcap")
     if out.exists():
         raise CommandError(f"{out} already exists (recordings are never overwritten)")
     if not out.parent.is_dir():

@@ -112,6 +112,12 @@ def write_recording(
     """
     if frames <= 0:
         raise ValueError(f"frames must be positive, got {frames}")
+    if Path(out).suffix.lower() != ".mcap":
+        # The file is MCAP whatever it is called; a .nrrd or .mha name made `guidance segment` and the
+        # sequence readers take it for a PLUS/Slicer file and fail with "not a NRRD file".
+        raise ValueError(
+            f"{Path(out).name}: simulate writes the app's own MCAP recording; name the file *.mcap"
+        )
     fps = fps if fps is not None else (30.0 if modality == "us" else 15.0)
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")

@@ -69,6 +69,10 @@ def test_phantom_simulate_refuses_bad_arguments(tmp_path: Path) -> None:
         write_recording(tmp_path / "y.mcap", frames=0)
     with pytest.raises(ValueError, match="modality"):
         write_recording(tmp_path / "z.mcap", modality="mri", frames=1)
+    for name in ("seq.igs.nrrd", "seq.mha", "frame.png", "noext"):
+        with pytest.raises(ValueError, match=r"name the file \*\.mcap"):
+            write_recording(tmp_path / name, frames=1)
+        assert not (tmp_path / name).exists()
 
 
 def test_phantom_simulate_cli_entry_point(tmp_path: Path) -> None:

@@ -316,6 +316,12 @@ def test_rec_record_cli_reports_connection_failure(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "cannot connect" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("guidance record: cannot connect")
+    res = _run_cli("record", "--port", str(port), "--out", str(tmp_path / "x.igs.nrrd"))
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == (
+        "guidance record: x.igs.nrrd: recordings are MCAP files; name the file *.mcap"
+    )
+    assert not (tmp_path / "x.igs.nrrd").exists()
 
 
 def test_rec_record_cli_duration_and_metadata(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def add_engines_bench(subparsers: Any) -> argparse.ArgumentParser:
         "--versus",
         default=None,
         help="a second model card, run on onnxruntime in the same interleaved loop (row "
-        "'onnxruntime:versus'), e.g. the single-view candidate against the shipped mirrored model",
+        "'onnxruntime:versus'), e.g. a candidate against the shipped model",
     )
     p.add_argument("--tiny", action="store_true", help="use the tiny random network (quick smoke runs)")
     p.add_argument(

@@ -400,9 +400,11 @@ class _ExportWrapper(nn.Module):
         mirror: bool = False,
     ):
         super().__init__()
-        if mirror and not isinstance(model, UNet):
-            raise TypeError(f"mirror export needs a UNet, got {type(model).__name__}")
-        self.model = MirrorEnsemble(model) if mirror and isinstance(model, UNet) else model
+        if mirror:
+            if not isinstance(model, UNet):
+                raise TypeError(f"mirror export needs a UNet, got {type(model).__name__}")
+            model = MirrorEnsemble(model)
+        self.model = model
         self.include_argmax = include_argmax
         self.with_presence = include_argmax and getattr(model, "presence", None) is not None
         self.presence_threshold = float(presence_threshold)

@@ -49,6 +49,12 @@ LATENCY_NAMES = (
 STREAM_GAP_S = 1.0
 
 
+def _describe(engine: SegmentationEngine) -> tuple[str, str]:
+    """``(label, model)`` of an engine, from one ``describe()``."""
+    info = engine.describe()
+    return info.label(), info.model
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerCounters:
     processed: int
@@ -121,8 +127,7 @@ class InferenceWorker:
         self._last_error = ""
         self._last_dropped = 0
         self.rate = RateMeter(30)
-        self._engine_label = engine.describe().label()
-        self._engine_model = engine.describe().model
+        self._engine_label, self._engine_model = _describe(engine)
         # Stream boundaries (see the module docstring). _stream_start is written by the receiver thread (one
         # int store), the rest only by the worker.
         self._stream_gap_ns = int(stream_gap_s * 1e9)
@@ -212,8 +217,7 @@ class InferenceWorker:
     def _use(self, engine: SegmentationEngine) -> None:
         self._retired.append(self.engine)
         self.engine = engine
-        self._engine_label = engine.describe().label()
-        self._engine_model = engine.describe().model
+        self._engine_label, self._engine_model = _describe(engine)
         self._recent_over.clear()
 
     def _maybe_step_down(self, processing_ms: float) -> None:

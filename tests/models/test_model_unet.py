@@ -67,16 +67,21 @@ def test_model_build_from_card_dict_round_trips() -> None:
     assert again == cfg
 
 
-@pytest.mark.parametrize("include_argmax", [True, False])
-def test_model_onnx_export_matches_torch(tmp_path: Path, include_argmax: bool) -> None:
-    torch.manual_seed(3)
+def _small_model_with_bn_stats(seed: int) -> nn.Module:
+    """A small network in eval mode with non-trivial BatchNorm statistics, so the export's BN folding is
+    exercised."""
+    torch.manual_seed(seed)
     model = build_model(UNetConfig(widths=(8, 16, 16, 32), bottleneck_dilations=(1, 2)))
-    # Non-trivial BatchNorm statistics so the folding in the export is exercised.
     model.train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.rand(2, 1, 64, 64))
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("include_argmax", [True, False])
+def test_model_onnx_export_matches_torch(tmp_path: Path, include_argmax: bool) -> None:
+    model = _small_model_with_bn_stats(3)
     path = export_onnx(
         model, tmp_path / "m.onnx", opset=17, height=64, width=96, include_argmax=include_argmax
     )
@@ -240,13 +245,7 @@ def test_model_mirrored_export_averages_both_views_and_is_mirror_equivariant(tmp
     from engines.assets import load_model_card
     from engines.models.unet import MirrorEnsemble
 
-    torch.manual_seed(4)
-    model = build_model(UNetConfig(widths=(8, 16, 16, 32), bottleneck_dilations=(1, 2)))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(2, 1, 64, 64))
-    model.eval()
+    model = _small_model_with_bn_stats(4)
     info = CardInfo(name="mirrored", version="0")
     onnx_path, card_path = export_model_asset(
         model, tmp_path, info, height=64, width=96, instrument_logit_bias=0.5, mirror=True

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "evaluate",
     "calibrate",
+    "soup",
 )
 
 

@@ -41,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="average each frame's logits with its left-right mirror image's (two network passes per "
         "frame); the operating point is chosen for, and exported with, that graph",
     )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="CARD",
+        help="a calibrated model card (e.g. the shipped one): prefer operating points at least as good as "
+        "its own on every validation figure (instrument and target Dice, false detections, tip p95), "
+        "and say whether there was one",
+    )
     p.set_defaults(func=run)
 
 
@@ -57,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.sequences is not None:
         cfg = dataclasses.replace(cfg, sequences=args.sequences)
     try:
+        reference = None
+        if args.reference is not None:
+            if not args.reference.is_file():
+                raise calibration.CalibrationError(f"{args.reference} not found")
+            reference = calibration.reference_row(json.loads(args.reference.read_text(encoding="utf-8")), cfg)
         _, model = calibration.load_run(args.model)
-        report = calibration.calibrate(model, cfg)
+        report = calibration.calibrate(model, cfg, reference)
         onnx_path, card_path = calibration.apply_calibration(args.model, args.out, report)
     except calibration.CalibrationError as exc:
         raise CommandError(str(exc)) from None

@@ -60,7 +60,8 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     seeds = calibration.validation_seeds(cfg, 0) + calibration.validation_seeds(cfg, 1)
     assert all(s > HELDOUT_SEED_BASE + 10_000 for s in seeds)  # never an evaluation seed
     torch.manual_seed(0)
-    report = calibration.calibrate(build_model(TINY_CONFIG), cfg)
+    model = build_model(TINY_CONFIG)
+    report = calibration.calibrate(model, cfg)
     assert [(row["bias"], row["instrument_seed_prob"]) for row in report["sweep"]] == [
         (0.0, 0.0),
         (50.0, 0.0),
@@ -74,6 +75,15 @@ def test_calibration_sweeps_validation_seeds_and_reexports(tmp_path: Path) -> No
     assert report["target_logit_bias"] in (-0.5, 0.0)
     assert isinstance(report["single_region_target"]["enabled"], bool)
     json.dumps(report)  # JSON-ready
+    # Against itself as the reference, the same model meets it at the same operating point.
+    ref = calibration.reference_row({"name": "m", "version": "v1", "calibration": report}, cfg)
+    again = calibration.calibrate(model, cfg, ref)
+    assert again["reference"]["met"] is True
+    assert again["reference"]["version"] == "v1"
+    assert (again["instrument_logit_bias"], again["instrument_seed_prob"]) == (
+        report["instrument_logit_bias"],
+        report["instrument_seed_prob"],
+    )
 
     _, card_path = export_test_model(tmp_path / "run", name="m")
     state = build_model(TINY_CONFIG).state_dict()
@@ -159,6 +169,72 @@ def test_choose_bias_prefers_dice_under_the_target_then_near_the_floor() -> None
     assert row["bias"] == 3
     with pytest.raises(calibration.CalibrationError):
         calibration.choose_bias([], mods, 0.02)
+
+
+def _full(bias: float, seed: float, us: tuple[float, ...], fluoro: tuple[float, ...]) -> dict[str, object]:
+    """A sweep row: (instrument Dice, target Dice, false detections, tip p95) per modality."""
+    keys = ("instrument_dice", "target_dice", "false_detection_rate", "tip_error_mm_p95")
+    return {
+        "bias": bias,
+        "instrument_seed_prob": seed,
+        "presence_threshold": 0.0,
+        "us": dict(zip(keys, us, strict=True)),
+        "fluoro": dict(zip(keys, fluoro, strict=True)),
+    }
+
+
+def test_choose_bias_with_a_reference_prefers_rows_no_worse_on_any_figure() -> None:
+    mods = ("us", "fluoro")
+    ref = {
+        "version": "v-ref",
+        **{
+            k: v
+            for k, v in _full(1, 0.9997, (0.90, 0.91, 0.0, 0.65), (0.91, 0.92, 0.006, 0.78)).items()
+            if k in mods
+        },
+    }
+    sweep = [
+        # best mean instrument Dice, but its ultrasound tip p95 is worse than the reference's
+        _full(2, 0.9997, (0.905, 0.92, 0.0, 0.67), (0.915, 0.93, 0.0, 0.75)),
+        # no worse anywhere (equal false detections and tip p95 count as no worse)
+        _full(1, 0.9999, (0.902, 0.91, 0.0, 0.65), (0.912, 0.92, 0.006, 0.76)),
+        # no worse on the figures it has, but it has no tip figure: worse
+        _full(0, 0.0, (0.903, 0.92, 0.0, None), (0.913, 0.93, 0.0, 0.70)),
+    ]
+    row, rule = calibration.choose_bias(sweep, mods, 0.02)
+    assert row["bias"] == 2  # without a reference: mean instrument Dice alone
+    row, rule = calibration.choose_bias(sweep, mods, 0.02, ref)
+    assert (row["bias"], row["instrument_seed_prob"]) == (1, 0.9999)
+    assert rule.endswith("no worse than v-ref on any validation figure")
+    assert calibration.no_worse_than(sweep[1], ref, mods)
+    assert not calibration.no_worse_than(sweep[0], ref, mods)
+    # None as good: the usual rule, and the rule says so.
+    row, rule = calibration.choose_bias(sweep[:1], mods, 0.02, ref)
+    assert row["bias"] == 2
+    assert "no row was as good as v-ref" in rule
+
+
+def test_reference_row_reads_a_calibrated_card_measured_on_the_same_frames() -> None:
+    cfg = calibration.CalibrationConfig()
+    chosen = _full(1, 0.9997, (0.90, 0.91, 0.0, 0.65), (0.91, 0.92, 0.006, 0.78))
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "sweep": [_full(1, 0.0, (0.1, 0.1, 0.5, 9.0), (0.1, 0.1, 0.5, 9.0)), chosen],
+        "instrument_logit_bias": 1.0,
+        "instrument_seed_prob": 0.9997,
+        "presence_gate": {"enabled": False},
+    }
+    card = {"name": "m", "version": "v1", "calibration": json.loads(json.dumps(report))}
+    ref = calibration.reference_row(card, cfg)
+    assert ref["version"] == "v1"
+    assert ref["fluoro"]["tip_error_mm_p95"] == 0.78  # the chosen row's, not the first row's
+    with pytest.raises(calibration.CalibrationError, match="sequences 48, this calibration uses 16"):
+        calibration.reference_row(card, dataclasses.replace(cfg, sequences=16))
+    with pytest.raises(calibration.CalibrationError, match="not calibrated"):
+        calibration.reference_row({"name": "m", "version": "v0"}, cfg)
+    lost = {**card, "calibration": {**report, "instrument_logit_bias": 5.0}}
+    with pytest.raises(calibration.CalibrationError, match="does not list its own operating point"):
+        calibration.reference_row(json.loads(json.dumps(lost)), cfg)
 
 
 def test_choose_presence_threshold_keeps_the_frames_with_an_instrument() -> None:
@@ -299,3 +375,17 @@ def test_calibration_with_mirror_scores_and_exports_the_mirrored_graph(tmp_path:
     a = sess.run(["logits"], {"image": x})[0]
     b = sess.run(["logits"], {"image": np.ascontiguousarray(x[..., ::-1])})[0]
     np.testing.assert_allclose(b[..., ::-1], a, atol=1e-5)
+
+
+def test_calibrate_command_refuses_a_missing_or_uncalibrated_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guidance.cli import main
+
+    _, card = export_test_model(tmp_path / "run", name="m")
+    args = ["calibrate", str(card), "--out", str(tmp_path / "out"), "--reference"]
+    assert main([*args, str(tmp_path / "nope.json")]) == 1
+    assert "nope.json not found" in capsys.readouterr().err
+    assert main([*args, str(card)]) == 1  # a training run's card: no calibration block
+    assert "is not calibrated" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+#: The held-out acceptance set's size (guidance.evaluation.EvalConfig's defaults); a model card's figures
+#: come from exactly this set.
+ACCEPTANCE_SEQUENCES = 192
+ACCEPTANCE_FRAMES = 30
+DEVELOPMENT_SEQUENCES = 32
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -24,7 +30,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--baseline", default="classical", help="baseline engine ('' for none)")
     p.add_argument("--json", type=Path, required=True, help="write the JSON report here")
     p.add_argument("--modality", choices=("us", "fluoro", "both"), default="both")
-    p.add_argument("--sequences", type=int, default=24, help="held-out sequences per modality (default 24)")
+    p.add_argument(
+        "--sequences",
+        type=int,
+        default=None,
+        help=f"sequences per modality (default {ACCEPTANCE_SEQUENCES} for the held-out set, about 3 min, "
+        f"and {DEVELOPMENT_SEQUENCES} for a development set; --update-card takes only the former)",
+    )
     p.add_argument("--frames", type=int, default=30, help="frames per sequence (default 30)")
     p.add_argument(
         "--plus-dir", type=Path, default=None, help="folder of PLUS recordings (default shared data)"
@@ -56,9 +68,16 @@ def run(args: argparse.Namespace) -> int:
     plus_dir = None if args.no_plus or not scenario.for_card else (args.plus_dir or evaluation.PLUS_DIR)
     if args.update_card is not None and not scenario.for_card:
         raise CommandError(f"--update-card takes held-out figures only, not the {scenario.name} set")
+    default = ACCEPTANCE_SEQUENCES if scenario.for_card else DEVELOPMENT_SEQUENCES
+    sequences = default if args.sequences is None else args.sequences
+    if args.update_card is not None and (sequences, args.frames) != (ACCEPTANCE_SEQUENCES, ACCEPTANCE_FRAMES):
+        raise CommandError(
+            f"--update-card takes the whole held-out set only ({ACCEPTANCE_SEQUENCES} sequences of "
+            f"{ACCEPTANCE_FRAMES} frames), not {sequences} of {args.frames}"
+        )
     cfg = evaluation.EvalConfig(
         modalities=modalities,
-        sequences=args.sequences,
+        sequences=sequences,
         frames=args.frames,
         plus_dir=plus_dir,
         scenario=scenario.name,

@@ -66,7 +66,7 @@ def test_model_evaluation_oracle_scores_perfect() -> None:
         assert r.tip_error_mm_median < 1.0
 
 
-def test_model_evaluation_command_writes_report(tmp_path: Path) -> None:
+def test_model_evaluation_command_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from engines.models.unet import export_test_model
 
     _, card = export_test_model(tmp_path / "m", height=64, width=64)
@@ -93,9 +93,14 @@ def test_model_evaluation_command_writes_report(tmp_path: Path) -> None:
         args += ["--no-plus"]
     card_copy = tmp_path / "card.json"
     card_copy.write_text(card.read_text())
-    args += ["--update-card", str(card_copy), "--grid", str(tmp_path / "grid.png")]
+    # The card takes only the whole acceptance set's figures: refused here, in one line, before any work.
+    assert main([*args, "--update-card", str(card_copy)]) == 1
+    assert "whole held-out set only (192 sequences of 30 frames), not 1 of 3" in capsys.readouterr().err
+    assert not out.exists()
+    args += ["--grid", str(tmp_path / "grid.png")]
     assert main(args) == 0
     report = json.loads(out.read_text())
+    evaluation.attach_evaluation(card_copy, report)  # what --update-card does with the full set's report
     updated = json.loads(card_copy.read_text())
     assert updated["evaluation"]["model"] == report["model"]
     assert updated["onnx"] == json.loads(card.read_text())["onnx"]
@@ -368,4 +373,13 @@ def test_model_evaluation_low_dose_vessel_scenario_is_its_own_set(tmp_path: Path
             ]
         )
         == 1
+    )
+
+
+def test_model_evaluation_command_defaults_are_the_acceptance_set() -> None:
+    from guidance.commands import evaluate as command
+
+    cfg = evaluation.EvalConfig()
+    assert (
+        (command.ACCEPTANCE_SEQUENCES, command.ACCEPTANCE_FRAMES) == (cfg.sequences, cfg.frames) == (192, 30)
     )

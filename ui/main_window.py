@@ -49,6 +49,20 @@ _CONNECTION_COLOURS = {
 }
 
 
+def _wrappable_model(text: str) -> str:
+    """``"name version"`` for a word-wrapped label: the name and the version's date-time never break
+    (non-breaking hyphens), the rest of the version may after a hyphen or a ``+`` (zero-width spaces).
+
+    A soup's version ("2026.12.06-0417-soup-s37+s38+s39") is wider than the side panel; with every hyphen
+    non-breaking it was one word, and Qt clipped it.
+    """
+    name, _, version = text.partition(" ")
+    parts = version.split("-")
+    head = "\u2011".join(parts[:2])
+    version = "-\u200b".join([head, *parts[2:]]).replace("+", "+\u200b") if version else ""
+    return name.replace("-", "\u2011") + (f" {version}" if version else "")
+
+
 def _fmt_ms(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "–"
@@ -386,8 +400,7 @@ class MainWindow(QMainWindow):
             m[key].setText(f"{_fmt_ms(last.get(key))} ms")
         m["budget"].setText(f"{_fmt_ms(stats.budget_ms)} ms")
         note = stats.engine_note
-        # Non-breaking hyphens: the card version wraps at its space, not inside the date.
-        model = stats.engine_model.replace("-", "\u2011")
+        model = _wrappable_model(stats.engine_model)
         self.engine_label.setText(
             (stats.engine_label or "–") + (f"\n{model}" if model else "") + (f"\n{note}" if note else "")
         )

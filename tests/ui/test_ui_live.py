@@ -82,7 +82,7 @@ def test_ui_live_session_overlay_matches_result(qtbot: QtBot) -> None:
         assert window.engine_label.text() != "–"
         model = session.stats().engine_model
         assert model
-        shown_model = window.engine_label.text().replace("\u2011", "-")
+        shown_model = window.engine_label.text().replace("\u2011", "-").replace("\u200b", "")
         assert model in shown_model  # which model draws the overlay is on screen
         assert window.painted_frames > 0
     finally:

@@ -256,3 +256,17 @@ def test_ui_close_stops_session_once(window: MainWindow, session: ScriptedSessio
     window.close()
     assert session.stopped == 1
     assert not window.paint_timer.isActive()
+
+
+def test_model_name_wraps_after_the_date_time_never_inside_it() -> None:
+    from ui.main_window import _wrappable_model
+
+    text = "guidance-unet 2026.12.06-0417-soup-s37+s38+s39"
+    shown = _wrappable_model(text)
+    assert shown.replace("\u2011", "-").replace("\u200b", "") == text  # the same characters on screen
+    name, version = shown.split(" ")
+    assert "-" not in name  # the name never breaks
+    assert "\u200b" not in name
+    assert version.startswith("2026.12.06\u20110417-\u200b")  # nor the date-time; the rest may
+    assert version.count("\u200b") == 4
+    assert _wrappable_model("") == ""

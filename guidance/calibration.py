@@ -526,7 +526,8 @@ def calibrate(
     }
 
 
-_OPERATING_POINT_LIMIT = "One operating point for every modality"
+#: How the card's ``limits`` line on the calibrated operating point begins (one such line per card).
+OPERATING_POINT_LIMIT = "One operating point for every modality"
 
 
 def operating_point_limit(report: Mapping[str, Any]) -> str:
@@ -535,7 +536,7 @@ def operating_point_limit(report: Mapping[str, Any]) -> str:
     Re-calibrating a calibrated card replaces the line rather than adding a second one.
     """
     return (
-        f"{_OPERATING_POINT_LIMIT} (instrument logit bias "
+        f"{OPERATING_POINT_LIMIT} (instrument logit bias "
         f"{float(report['instrument_logit_bias']):g}, target logit bias "
         f"{float(report.get('target_logit_bias', 0.0)):g}"
         + (
@@ -614,7 +615,7 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
     else:
         data.pop("postprocess", None)
     data["calibration"] = dict(report)
-    earlier = [x for x in data.get("limits", []) if not str(x).startswith(_OPERATING_POINT_LIMIT)]
+    earlier = [x for x in data.get("limits", []) if not str(x).startswith(OPERATING_POINT_LIMIT)]
     data["limits"] = [*earlier, operating_point_limit(report)]
     new_card.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return onnx_path, new_card

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from engines.models.unet import CardInfo, UNetConfig, build_model, export_model_asset, read_model_card
+from guidance.calibration import OPERATING_POINT_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ def make_soup(ingredients: Sequence[Ingredient], out_dir: Path) -> tuple[Path, P
         },
         "ingredients_training": [c.get("training", {}) for c in cards],
     }
-    info = CardInfo(name=name, version=version, training=training, limits=tuple(cards[0].get("limits", ())))
+    # An ingredient's calibrated operating point is not the soup's: the soup is calibrated afresh.
+    limits = tuple(x for x in cards[0].get("limits", ()) if not str(x).startswith(OPERATING_POINT_LIMIT))
+    info = CardInfo(name=name, version=version, training=training, limits=limits)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / f"{name}.pt")
     onnx_path, card_path = export_model_asset(model, out_dir, info, height=h, width=w)

@@ -65,6 +65,9 @@ def test_parse_ingredient_reads_an_optional_share() -> None:
 
 def test_soup_writes_the_averaged_network_its_onnx_and_a_card_naming_the_ingredients(tmp_path: Path) -> None:
     a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1)
+    calibrated = json.loads(a.read_text())  # a calibrated ingredient: its operating point is not the soup's
+    calibrated["limits"] = ["kept", "One operating point for every modality (instrument logit bias 2)"]
+    a.write_text(json.dumps(calibrated))
     onnx_path, card_path = soup.make_soup([soup.Ingredient(a, 3.0), soup.Ingredient(b, 1.0)], tmp_path / "s")
 
     sa = torch.load(a.with_suffix(".pt"), weights_only=True)
@@ -94,6 +97,7 @@ def test_soup_writes_the_averaged_network_its_onnx_and_a_card_naming_the_ingredi
     assert ingredients[0]["card"] == str(a)
     assert len(ingredients[1]["weights_sha256"]) == 64
     assert len(data["training"]["ingredients_training"]) == 2
+    assert data["limits"] == ["kept"]
 
 
 def test_soup_refuses_what_cannot_be_averaged(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ class Ingredient:
 
 def parse_ingredient(text: str) -> Ingredient:
     """``CARD`` or ``CARD=WEIGHT`` (a positive number; the shares are normalised to sum to 1)."""
-    path, sep, w = text.rpartition("=") if "=" in text else (text, "", "")
+    path, sep, w = text.rpartition("=")
     if not sep:
         return Ingredient(Path(text))
     try:

@@ -101,6 +101,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a second input channel: the current frame minus the previous one (single-frame --init "
         "weights load with that channel's weights at zero)",
     )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="distil from these trained weights (.pt, same architecture), run frozen with their left-right "
+        "mirror averaged in: the student is pulled towards the mirrored view's per-pixel class distribution",
+    )
+    p.add_argument(
+        "--distill-weight", type=float, default=None, help="weight of the distillation term (default 1)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -152,6 +161,8 @@ def train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
             "curved_wall_fraction": args.curved_walls,
             "bath_lines": args.bath_lines,
             "freeze_body": args.freeze_body,
+            "teacher_weights": args.teacher,
+            "w_distill": args.distill_weight,
         }.items()
         if v is not None
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -52,7 +53,8 @@ def test_model_training_steps_lower_the_loss_on_a_fixed_batch(precision: str) ->
     model.train()
     for _ in range(15):
         parts = training.training_step(model, loss_fn, opt, (x, y, tip), precision)
-    assert set(parts) == {"loss", "ce", "dice", "tversky", "cldice", "tip", "presence"}
+    assert set(parts) == {"loss", "ce", "dice", "tversky", "cldice", "tip", "presence", "distill"}
+    assert parts["distill"] == 0.0  # no teacher
     # bf16 only under autocast: the weights the optimiser updates stay float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert loss_now() < 0.8 * before
@@ -264,11 +266,80 @@ def test_model_train_command_options_reach_the_config() -> None:
     assert not cfg.freeze_body
     assert cfg.precision == "fp32"
     assert train_config(build_parser().parse_args(["train", "--precision", "bf16"]), base).precision == "bf16"
+    assert (cfg.teacher_weights, cfg.w_distill) == (None, 1.0)
+    args = build_parser().parse_args(["train", "--teacher", "t.pt", "--distill-weight", "2"])
+    assert (train_config(args, base).teacher_weights, train_config(args, base).w_distill) == ("t.pt", 2.0)
 
     args = build_parser().parse_args(["train", "--init", "w.pt", "--presence-head", "--freeze-body"])
     cfg = train_config(args, base)
     assert cfg.model == dataclasses.replace(base.model, presence_head=True)
     assert cfg.freeze_body
+
+
+def test_model_distillation_loss_is_the_kl_from_the_teacher() -> None:
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 3, 8, 8, generator=gen)
+    student = torch.randn(2, 3, 8, 8, generator=gen)
+    assert float(training.distillation_loss(teacher.clone(), teacher)) == pytest.approx(0.0, abs=1e-6)
+    p_t, log_s = torch.softmax(teacher, 1), torch.log_softmax(student, 1)
+    by_hand = (p_t * (torch.log(p_t) - log_s)).sum(1).mean()
+    assert float(training.distillation_loss(student, teacher)) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(by_hand) > 0.01
+    # the teacher side carries no gradient
+    teacher.requires_grad_(True)
+    student.requires_grad_(True)
+    training.distillation_loss(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None
+
+
+def test_model_distillation_pulls_the_student_to_the_mirrored_teacher(tmp_path: Path) -> None:
+    """With only the distillation term, a fresh student moves towards the frozen, mirrored teacher."""
+    training.seed_everything(0, threads=1)
+    teacher_net = build_model(TINY_CONFIG)
+    torch.save(teacher_net.state_dict(), tmp_path / "teacher.pt")
+    zero = {"w_ce": 0.0, "w_dice": 0.0, "w_tversky": 0.0, "w_cldice": 0.0, "w_tip": 0.0, "w_presence": 0.0}
+    cfg = dataclasses.replace(TINY, batch_size=6, teacher_weights=str(tmp_path / "teacher.pt"), **zero)
+    teacher = training.load_teacher(cfg, torch.device("cpu"))
+    assert teacher is not None
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x, y, tip = training.PhantomSampler(cfg, ("us",), seed=0).batch()
+    with torch.no_grad():
+        target = teacher(x)
+    # the teacher is the mirror average, not the plain network
+    assert not torch.allclose(target, teacher_net.eval()(x), atol=1e-4)
+    student = build_model(TINY_CONFIG)
+    loss_fn = training.SegmentationLoss(cfg)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+
+    def gap() -> float:
+        student.train()
+        with torch.no_grad():
+            return float(training.distillation_loss(student(x), target))
+
+    before = gap()
+    for _ in range(20):
+        parts = training.training_step(student, loss_fn, opt, (x, y, tip), "fp32", teacher=teacher)
+    assert parts["distill"] > 0.0
+    assert parts["loss"] == pytest.approx(parts["distill"], rel=1e-5)
+    assert gap() < 0.5 * before
+    for k, v in teacher_net.state_dict().items():  # frozen: not a bit moved
+        assert torch.equal(teacher.model.state_dict()[k].contiguous(), v.contiguous()), k
+
+    # A whole run records the teacher, by name and sha256, in the card's recipe
+    result = training.train(cfg, tmp_path / "run", progress=False, name="m")
+    card = json.loads((tmp_path / "run" / "m.json").read_text(encoding="utf-8"))
+    loss = card["training"]["recipe"]["loss"]
+    digest = hashlib.sha256((tmp_path / "teacher.pt").read_bytes()).hexdigest()
+    assert "KL(teacher || student)" in loss
+    assert digest in loss
+    assert result.steps == cfg.steps
+
+    # A teacher that lacks part of the student's network is refused, saying what it lacks
+    headed = dataclasses.replace(cfg, model=dataclasses.replace(TINY_CONFIG, presence_head=True))
+    with pytest.raises(training.TrainingError, match="lacks presence"):
+        training.load_teacher(headed, torch.device("cpu"))
 
 
 def test_model_presence_head_trains_alone_on_a_frozen_network(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ The soup is not calibrated here: the result is a training run like any other, an
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,7 +26,14 @@ from typing import Any
 
 import torch
 
-from engines.models.unet import CardInfo, UNetConfig, build_model, export_model_asset, read_model_card
+from engines.models.unet import (
+    CardInfo,
+    UNetConfig,
+    build_model,
+    export_model_asset,
+    read_model_card,
+    sha256_file,
+)
 from guidance.calibration import OPERATING_POINT_LIMIT
 
 logger = logging.getLogger(__name__)
@@ -57,10 +63,6 @@ def parse_ingredient(text: str) -> Ingredient:
     if not weight > 0.0:
         raise SoupError(f"{text!r}: the weight must be positive")
     return Ingredient(Path(path), weight)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def average_state_dicts(
@@ -141,7 +143,7 @@ def make_soup(ingredients: Sequence[Ingredient], out_dir: Path) -> tuple[Path, P
                     "card": str(ing.card),
                     "version": v,
                     "share": round(ing.weight / total, 6),
-                    "weights_sha256": _sha256(ing.card.with_suffix(".pt")),
+                    "weights_sha256": sha256_file(ing.card.with_suffix(".pt")),
                 }
                 for ing, v in zip(ingredients, versions, strict=True)
             ],

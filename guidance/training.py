@@ -35,7 +35,6 @@ import copy
 import ctypes
 import ctypes.util
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -65,6 +64,7 @@ from engines.models.unet import (
     build_model,
     count_macs,
     export_model_asset,
+    sha256_file,
 )
 from guidance.phantoms import PhantomFrame, make_phantom
 from guidance.phantoms.ultrasound import TARGET_CONTRAST
@@ -863,10 +863,6 @@ def load_initial_weights(model: UNet, path: str) -> list[str]:
     return list(result.missing_keys)
 
 
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_teacher(cfg: TrainConfig, device: torch.device) -> MirrorEnsemble | None:
     """The frozen mirrored teacher of ``cfg.teacher_weights`` (None without one), on ``device``."""
     if not cfg.teacher_weights:
@@ -1126,7 +1122,7 @@ def training_card(cfg: TrainConfig, result: TrainResult, sequences_used: int) ->
                 f"+ {cfg.w_cldice:g}*clDice(instrument) + {cfg.w_tip:g}*tip-heatmap BCE (training-only head)"
                 + (
                     f" + {cfg.w_distill:g}*KL(teacher || student) per pixel, the teacher "
-                    f"{Path(cfg.teacher_weights).name} (sha256 {_sha256(cfg.teacher_weights)}) frozen and "
+                    f"{Path(cfg.teacher_weights).name} (sha256 {sha256_file(cfg.teacher_weights)}) frozen and "
                     "averaged with its left-right mirror"
                     if cfg.teacher_weights
                     else ""

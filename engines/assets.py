@@ -27,9 +27,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engines.base import CLASS_NAMES, EngineError
+from engines.base import CLASS_NAMES, TARGET, EngineError
 from engines.models.preprocess import SINGLE_FRAME_CHANNELS, TEMPORAL_CHANNELS
 from engines.preprocess import Normalization, PreprocessError
+from engines.views import ALTERNATE
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ class ModelCard:
     #: The graph averages the frame's logits with its left-right mirror image's (card ``test_time.mirror``
     #: ``"horizontal"``): two network passes per frame. A backend that runs the network itself must too.
     mirror: bool = False
+    #: The view alternates from frame to frame and the target is fused with the previous frame's (card
+    #: ``test_time.mirror`` ``"alternate"``): one pass per frame, three state inputs beside the image and
+    #: one state output (:mod:`engines.views`). The engine keeps that state and forgets it on ``reset()``.
+    alternate: bool = False
 
     @property
     def torch_weights_path(self) -> Path:
@@ -191,10 +196,15 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
         if not isinstance(test_time, Mapping):
             raise ModelAssetError(f"model card {card_path}: test_time must be an object")
         mirror_axis = test_time.get("mirror")
-        if mirror_axis not in (None, "horizontal"):
+        if mirror_axis not in (None, "horizontal", ALTERNATE):
             raise ModelAssetError(
                 f"model card {card_path}: test_time mirror {mirror_axis!r} is not supported "
-                "(this build averages the horizontal mirror only)"
+                f"(this build knows 'horizontal', both views in every frame, and {ALTERNATE!r})"
+            )
+        if mirror_axis == ALTERNATE and tuple(test_time.get("fused_classes") or ()) != (CLASS_NAMES[TARGET],):
+            raise ModelAssetError(
+                f"model card {card_path}: test_time fused_classes {test_time.get('fused_classes')!r} is not "
+                f"supported (this build fuses ['{CLASS_NAMES[TARGET]}'] only)"
             )
         return ModelCard(
             name=str(_req(data, "name", card_path)),
@@ -216,6 +226,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             presence_threshold=presence_threshold,
             temporal=temporal,
             mirror=mirror_axis == "horizontal",
+            alternate=mirror_axis == ALTERNATE,
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc
@@ -298,11 +309,13 @@ def make_random_model(
     tiny: bool = False,
     name: str | None = None,
     include_argmax: bool = True,
+    alternate: bool = False,
 ) -> Path:
     """Write a randomly initialised network of the shipped family (ONNX + card + ``.pt`` state dict).
 
     Stands in for the trained model in tests and benchmarks until one is shipped. Needs torch and onnx
-    (the ``train`` extra). Returns the card path.
+    (the ``train`` extra). ``alternate``: exported with alternating views (:mod:`engines.views`). Returns
+    the card path.
     """
     try:
         import torch
@@ -330,7 +343,7 @@ def make_random_model(
         limits=["random weights: outputs are meaningless"],
     )
     _, card_path = unet.export_model_asset(
-        model, directory, info, height=height, width=width, include_argmax=include_argmax
+        model, directory, info, height=height, width=width, include_argmax=include_argmax, alternate=alternate
     )
     torch.save(model.state_dict(), card_path.with_suffix(".pt"))
     return card_path

@@ -44,6 +44,12 @@ training loop monitors, and disjoint from the held-out evaluation seeds):
   logits averaged with those of each frame's mirror image (:class:`engines.models.unet.MirrorEnsemble`),
   and the re-export carries the mirrored graph: the operating point belongs to the logits it was chosen on.
 
+* **Alternating views** (``alternate``, ``guidance calibrate --alternate-mirror``). The same for
+  :class:`engines.models.unet.AlternatingMirror`: each scored frame's target log-odds are fused with its
+  predecessor's, seen in the other view, as an engine fuses them on a live stream. Every other scored
+  frame of a sequence is the mirrored one (:func:`alternating_views`), so both views are scored, as the
+  evaluation does.
+
 :func:`apply_calibration` re-exports the ONNX with the chosen bias and writes the card with both, plus
 the sweep itself under ``calibration``. Torch (the ``train`` extra) is needed: the sweep runs the network
 once per frame and re-decides the labels for every bias in numpy.
@@ -75,6 +81,7 @@ from engines.models.unet import (
     read_model_card,
 )
 from engines.preprocess import keep_main_region, keep_seeded_regions
+from engines.views import FUSE_WEIGHT
 from guidance.evaluation import GeometryReader, ModalityReport, _Accumulator, geometry_reader_factory
 from guidance.phantoms import PhantomFrame, make_phantom
 from guidance.training import VALIDATION_SEED_BASE, load_trained
@@ -117,10 +124,57 @@ class CalibrationConfig:
     # Average each frame's logits with its mirror image's (engines.models.unet.MirrorEnsemble); the
     # operating point is then chosen for, and exported with, the mirrored graph.
     mirror: bool = False
+    # One view per frame, alternating, the target log-odds fused with the predecessor's (other view);
+    # the operating point is chosen for, and exported with, that graph.
+    alternate: bool = False
+
+
+def alternating_views(index: int) -> tuple[bool, bool]:
+    """``(scored frame mirrored, predecessor mirrored)`` for the ``index``-th scored frame of a sequence.
+
+    The same as an engine fed ``[t-2, t-1, t]`` before each scored frame after the first (which runs
+    alone, plain): the scored frames then alternate between the plain and the mirrored view
+    (:func:`guidance.evaluation.heldout_previous_frames` feeds the evaluation that way).
+    """
+    mirrored = index % 2 == 1
+    return mirrored, not mirrored
+
+
+def fuse_alternating(
+    current: npt.NDArray[np.float32], previous: npt.NDArray[np.float32] | None
+) -> npt.NDArray[np.float32]:
+    """``(classes, H, W)`` logits of a frame with its target log-odds averaged with ``previous``'s (the
+    predecessor's logits in the frame's orientation; None: nothing to fuse), as the exported
+    :class:`engines.models.unet.AlternatingMirror` graph computes them."""
+    if previous is None:
+        return current
+    out = current.copy()
+    own = current[TARGET] - current[0]
+    out[TARGET] = current[0] + own + np.float32(FUSE_WEIGHT) * ((previous[TARGET] - previous[0]) - own)
+    return out
 
 
 def validation_seeds(cfg: CalibrationConfig, modality_index: int) -> list[int]:
     return [VALIDATION_SEED_BASE + 1000 * modality_index + SEED_OFFSET + k for k in range(cfg.sequences)]
+
+
+def _alternating_outputs(
+    model: torch.nn.Module,
+    frames: Sequence[PhantomFrame],
+    size: int,
+    previous: Sequence[PhantomFrame | None],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """:func:`_outputs` of an alternating-view model: frame ``i`` in the view :func:`alternating_views`
+    gives it, its target fused with ``previous[i]``'s in the other view (the first frame alone, plain).
+    The instrument-presence score, if any, is the frame's own view's."""
+    views = [alternating_views(i) for i in range(len(frames))]
+    cur, cur_present = _outputs(model, frames, size, flips=[v[0] for v in views])
+    preds = [p if p is not None else frames[i] for i, p in enumerate(previous)]
+    prev, _ = _outputs(model, preds, size, flips=[v[1] for v in views])
+    fused = np.stack(
+        [fuse_alternating(cur[i], prev[i] if previous[i] is not None else None) for i in range(len(frames))]
+    )
+    return fused, cur_present
 
 
 def _outputs(
@@ -128,9 +182,12 @@ def _outputs(
     frames: Sequence[PhantomFrame],
     size: int,
     previous: Sequence[PhantomFrame | None] | None = None,
+    *,
+    flips: Sequence[bool] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
     """Logits ``(n, classes, size, size)`` and, for a model with a presence head, ``instrument_present``
-    ``(n,)`` (else None). ``previous`` (temporal models): each frame's previous frame (None: first)."""
+    ``(n,)`` (else None). ``previous`` (temporal models): each frame's previous frame (None: first).
+    ``flips``: run frame ``i`` mirrored where true (its logits are mirrored back)."""
     batch = []
     for i, f in enumerate(frames):
         if f.image.shape[:2] != (size, size):
@@ -139,6 +196,8 @@ def _outputs(
         if previous is not None:
             prev = previous[i]
             plane = temporal_input(plane, None if prev is None else normalize(prev.image))
+        if flips is not None and flips[i]:
+            plane = np.ascontiguousarray(plane[..., ::-1])
         batch.append(plane)
     with_presence = isinstance(model, UNet | MirrorEnsemble) and model.presence is not None
     out, present = [], []
@@ -154,10 +213,12 @@ def _outputs(
             else:
                 logits = model(x)
             out.append(logits.numpy())
-    return (
-        np.concatenate(out).astype(np.float32),
-        np.concatenate(present).astype(np.float32) if with_presence else None,
-    )
+    result = np.concatenate(out).astype(np.float32)
+    if flips is not None:
+        for i, flip in enumerate(flips):
+            if flip:
+                result[i] = result[i][..., ::-1].copy()
+    return result, np.concatenate(present).astype(np.float32) if with_presence else None
 
 
 def decide(
@@ -394,10 +455,17 @@ def calibrate(
     """
     model.eval()
     temporal = isinstance(model, UNet) and model.config.in_channels == 2
-    if cfg.mirror:
+    if cfg.mirror and cfg.alternate:
+        raise CalibrationError(
+            "mirror (both views in every frame) and alternate (one per frame) exclude each other"
+        )
+    if cfg.mirror or cfg.alternate:
         if not isinstance(model, UNet):
             raise CalibrationError(f"mirrored calibration needs a UNet, got {type(model).__name__}")
-        model = MirrorEnsemble(model).eval()
+        if temporal:
+            raise CalibrationError("mirrored views of a temporal model are not supported")
+        if cfg.mirror:
+            model = MirrorEnsemble(model).eval()
     reader_factory, reader_desc = geometry_reader_factory()
     data: dict[str, list[list[PhantomFrame]]] = {}
     logits: dict[str, list[npt.NDArray[np.float32]]] = {}
@@ -408,13 +476,19 @@ def calibrate(
         for seed in validation_seeds(cfg, mi):
             ph = make_phantom(m, seed=seed, width=cfg.size, height=cfg.size)
             seqs.append([ph.frame(j * cfg.stride) for j in range(cfg.frames)])
-            # A temporal model sees the frame before each one, as in a live stream at full rate.
+            # A temporal or alternating-view model sees the frame before each one, as in a live stream
+            # at full rate.
             prevs.append(
-                [ph.frame(j * cfg.stride - 1) if j else None for j in range(cfg.frames)] if temporal else []
+                [ph.frame(j * cfg.stride - 1) if j else None for j in range(cfg.frames)]
+                if temporal or cfg.alternate
+                else []
             )
         data[m] = seqs
         outs = [
-            _outputs(model, s, cfg.size, p if temporal else None) for s, p in zip(seqs, prevs, strict=True)
+            _alternating_outputs(model, s, cfg.size, p)
+            if cfg.alternate
+            else _outputs(model, s, cfg.size, p if temporal else None)
+            for s, p in zip(seqs, prevs, strict=True)
         ]
         logits[m] = [lg for lg, _ in outs]
         if all(pr is not None for _, pr in outs):
@@ -518,6 +592,7 @@ def calibrate(
         "presence_gate": presence_report,
         "single_region_target": {"enabled": use_single, **single},
         "mirror": cfg.mirror,
+        "alternate": cfg.alternate,
         **(
             {"reference": {**reference, "met": no_worse_than(chosen, reference, cfg.modalities)}}
             if reference is not None
@@ -594,6 +669,7 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
         target_logit_bias=target_bias,
         presence_threshold=presence_threshold,
         mirror=bool(report.get("mirror", False)),
+        alternate=bool(report.get("alternate", False)),
     )
     if weights.resolve() != (out_dir / f"{name}.pt").resolve():
         shutil.copyfile(weights, out_dir / f"{name}.pt")

@@ -468,19 +468,29 @@ def heldout_sequences(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame]]]:
     return out
 
 
-def heldout_previous_frames(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame | None]]]:
-    """modality -> sequences -> the frame just before each held-out frame (None before the first).
+def heldout_previous_frames(
+    cfg: EvalConfig, count: int = 1
+) -> dict[str, list[list[tuple[PhantomFrame, ...]]]]:
+    """modality -> sequences -> the ``count`` frames just before each held-out frame, oldest first (none
+    before the first).
 
-    The held-out frames are ``stride`` apart; a live stream delivers every frame, so a temporal model is
-    fed the one before each evaluated frame first (:func:`evaluate_engine`), as it would have seen it.
+    The held-out frames are ``stride`` apart; a live stream delivers every frame, so a model that uses the
+    frames before (:func:`predecessors_for`) is fed them first (:func:`evaluate_engine`), as it would have
+    seen them.
     """
-    out: dict[str, list[list[PhantomFrame | None]]] = {}
+    out: dict[str, list[list[tuple[PhantomFrame, ...]]]] = {}
     for mi, m in enumerate(cfg.modalities):
         try:
             phantoms = _phantoms(cfg, m, mi)
         except (ValueError, ImportError, NotImplementedError):
             continue  # heldout_sequences has said so
-        out[m] = [[ph.frame(j * cfg.stride - 1) if j else None for j in range(cfg.frames)] for ph in phantoms]
+        out[m] = [
+            [
+                tuple(ph.frame(j * cfg.stride - k) for k in range(count, 0, -1)) if j else ()
+                for j in range(cfg.frames)
+            ]
+            for ph in phantoms
+        ]
     return out
 
 
@@ -491,6 +501,28 @@ def model_is_temporal(model: str | Path | None) -> bool:
     return load_model_card(resolve_model(model), verify=False).temporal
 
 
+def predecessors_for(model: str | Path | None) -> int:
+    """How many frames before each scored one the engine of ``model`` (None: the shipped default) is fed.
+
+    1 for a temporal model (its previous frame). 2 for an alternating-view model: its previous frame, and
+    one more, so that the scored frames of a sequence alternate between the plain and the mirrored view as
+    a live stream's do (the engine flips the view on every frame; see
+    :func:`guidance.calibration.alternating_views`). 0 otherwise.
+    """
+    from engines.assets import load_model_card, resolve_model
+
+    card = load_model_card(resolve_model(model), verify=False)
+    return 2 if card.alternate else 1 if card.temporal else 0
+
+
+def heldout_predecessors(
+    cfg: EvalConfig, model: str | Path | None
+) -> dict[str, list[list[tuple[PhantomFrame, ...]]]] | None:
+    """:func:`heldout_previous_frames` for ``model``, or None when it needs none."""
+    count = predecessors_for(model)
+    return heldout_previous_frames(cfg, count) if count else None
+
+
 EngineFactory = Callable[[str], SegmentationEngine]  # modality -> loaded engine
 
 
@@ -499,13 +531,13 @@ def evaluate_engine(
     data: Mapping[str, list[list[PhantomFrame]]],
     reader_factory: Callable[[], GeometryReader],
     target_kinds: Mapping[str, Sequence[str]] | None = None,
-    previous: Mapping[str, list[list[PhantomFrame | None]]] | None = None,
+    previous: Mapping[str, list[list[tuple[PhantomFrame, ...]]]] | None = None,
 ) -> dict[str, ModalityReport]:
     """Run one engine over held-out sequences; returns modality -> report.
 
     ``target_kinds`` (modality -> kind per sequence) adds the per-kind target Dice. ``previous``
-    (:func:`heldout_previous_frames`, for a temporal model): each frame's predecessor is run through the
-    engine first, untimed and unscored. The engine is reset at the start of every sequence.
+    (:func:`heldout_predecessors`): each frame's predecessors are run through the engine first, untimed
+    and unscored. The engine is reset at the start of every sequence.
     """
     reports: dict[str, ModalityReport] = {}
     for modality, seqs in data.items():
@@ -515,15 +547,15 @@ def evaluate_engine(
             target_kinds[modality] if target_kinds and modality in target_kinds else [None] * len(seqs)
         )
         try:
-            prevs: Sequence[Sequence[PhantomFrame | None]] = (
-                previous[modality] if previous and modality in previous else [[None] * len(s) for s in seqs]
+            prevs: Sequence[Sequence[tuple[PhantomFrame, ...]]] = (
+                previous[modality] if previous and modality in previous else [[()] * len(s) for s in seqs]
             )
             for seq, kind, seq_prev in zip(seqs, kinds, prevs, strict=True):
                 reader = reader_factory()
                 acc.start_sequence()
                 engine.reset()
-                for fr, prev in zip(seq, seq_prev, strict=True):
-                    if prev is not None:
+                for fr, before in zip(seq, seq_prev, strict=True):
+                    for prev in before:
                         engine.infer(prev.image)
                     t0 = time.perf_counter()
                     out = engine.infer(fr.image)
@@ -708,7 +740,7 @@ def evaluate(
     if not data:
         raise EvaluationError("no phantom modality is available for evaluation")
     kinds = heldout_target_kinds(cfg, data)
-    previous = heldout_previous_frames(cfg) if model_factory is None and model_is_temporal(model) else None
+    previous = heldout_predecessors(cfg, model) if model_factory is None else None
     make_model = model_factory or registry_engine_factory(
         model_engine, **({"model": str(model)} if model is not None else {})
     )
@@ -836,11 +868,12 @@ def contour_grid(
     *,
     per_modality: int = 6,
     tile: int = 256,
-    previous: Mapping[str, list[list[PhantomFrame | None]]] | None = None,
+    previous: Mapping[str, list[list[tuple[PhantomFrame, ...]]]] | None = None,
 ) -> Path:
     """A PNG grid: one row per modality; each tile a frame with true (green instrument / cyan target) and
     predicted (red instrument / yellow target) contours, the true tip (green dot) and predicted tip (red).
-    ``previous`` as in :func:`evaluate_engine` (a temporal model sees each tile's previous frame first)."""
+    ``previous`` as in :func:`evaluate_engine` (a model that needs them sees each tile's predecessors
+    first)."""
     reader_factory, _ = geometry_reader_factory()
     rows = []
     for modality, seqs in data.items():
@@ -851,8 +884,7 @@ def contour_grid(
             for si, fi in picks:
                 fr = seqs[si][fi]
                 engine.reset()
-                prev = previous[modality][si][fi] if previous and modality in previous else None
-                if prev is not None:
+                for prev in previous[modality][si][fi] if previous and modality in previous else ():
                     engine.infer(prev.image)
                 out = engine.infer(fr.image)
                 gray = (normalize(fr.image) * 255).astype(np.uint8)

@@ -41,6 +41,14 @@ from engines.base import (
 )
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
+from engines.views import (
+    PREVIOUS_TARGET,
+    PREVIOUS_WEIGHT,
+    STATE_INPUTS,
+    TARGET_LOG_ODDS,
+    VIEW_COLUMNS,
+    AlternatingViews,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +199,11 @@ class OnnxRuntimeEngine:
         self._present: npt.NDArray[np.float32] | None = None
         self._keep: list[Any] = []
         self._device_label = "cpu"
+        # alternating-view models (card test_time.mirror "alternate"): see _bind_views
+        self._views: AlternatingViews | None = None
+        self._targets: tuple[npt.NDArray[np.float32], ...] = ()
+        self._target_values: tuple[Any, ...] = ()
+        self._current = 0
 
     def load(self) -> None:
         reason = probe()
@@ -233,8 +246,12 @@ class OnnxRuntimeEngine:
             "cuda:0" if used and used[0] == "CUDAExecutionProvider" else f"cpu ({threads} threads)"
         )
         inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise EngineError(f"model {card.name} has {len(inputs)} inputs; expected 1")
+        want = [card.input_name or inputs[0].name, *(STATE_INPUTS if card.alternate else ())]
+        if len(inputs) != len(want) or [i.name for i in inputs[1:]] != want[1:]:
+            raise EngineError(
+                f"model {card.name} has inputs {[i.name for i in inputs]}; its card asks for {len(want)}"
+                + (f" ({', '.join(want[1:])} beside the image)" if card.alternate else "")
+            )
         h, w = card.input_hw
         shape = inputs[0].shape
         if len(shape) == 4 and all(isinstance(s, int) for s in shape[2:]) and tuple(shape[2:]) != (h, w):
@@ -269,10 +286,33 @@ class OnnxRuntimeEngine:
             present_val = ort.OrtValue.ortvalue_from_numpy(self._present)
             binding.bind_ortvalue_output(PRESENCE, present_val)
             self._keep.append(present_val)
+        self._views = None
+        if card.alternate:
+            self._bind_views(ort, binding, (h, w))
         self._session, self._binding, self._card, self._pre = session, binding, card, pre
         logger.info(
             "onnxruntime %s loaded %s on %s (spinning %s)", ort.__version__, card.label, used, self._spinning
         )
+
+    def _bind_views(self, ort: Any, binding: Any, hw: tuple[int, int]) -> None:
+        """Bind the state of an alternating-view model (:mod:`engines.views`): the column order and the
+        weight are rewritten in place per frame; the target log-odds live in two buffers whose roles
+        (this frame's output, next frame's input) swap after every frame, so nothing is copied."""
+        views = AlternatingViews(hw[1])
+        targets = (np.zeros((1, *hw), dtype=np.float32), np.zeros((1, *hw), dtype=np.float32))
+        values = tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in targets)
+        col_val = ort.OrtValue.ortvalue_from_numpy(views.columns)
+        weight_val = ort.OrtValue.ortvalue_from_numpy(views.weight)
+        binding.bind_ortvalue_input(VIEW_COLUMNS, col_val)
+        binding.bind_ortvalue_input(PREVIOUS_WEIGHT, weight_val)
+        self._keep += [col_val, weight_val, *values]
+        self._views, self._targets, self._target_values, self._current = views, targets, values, 0
+        self._bind_targets(binding)
+
+    def _bind_targets(self, binding: Any) -> None:
+        """This frame reads buffer ``_current`` as the previous log-odds and writes the other."""
+        binding.bind_ortvalue_input(PREVIOUS_TARGET, self._target_values[self._current])
+        binding.bind_ortvalue_output(TARGET_LOG_ODDS, self._target_values[1 - self._current])
 
     def warm_up(self) -> None:
         card = self._require()[0]
@@ -282,9 +322,11 @@ class OnnxRuntimeEngine:
         self.reset()  # warm-up frames are not the previous frame of the first real one
 
     def reset(self) -> None:
-        """Forget the previous frame (temporal models); a no-op before ``load()``."""
+        """Forget the previous frame (temporal and alternating-view models); a no-op before ``load()``."""
         if self._pre is not None:
             self._pre.reset()
+        if self._views is not None:
+            self._views.reset()
 
     def _require(self) -> tuple[ModelCard, Preprocessor]:
         if self._card is None or self._pre is None:
@@ -292,14 +334,25 @@ class OnnxRuntimeEngine:
         return self._card, self._pre
 
     def run_tensor(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-        """Run on the already-prepared input tensor; return the bound (reused) output buffers."""
+        """Run on the already-prepared input tensor; return the bound (reused) output buffers.
+
+        An alternating-view model runs in its current state (a fresh engine: plain view, nothing fused).
+        """
         self._session.run_with_iobinding(self._binding)
         return self._labels, self._prob
 
     def infer(self, image: npt.NDArray[np.generic]) -> SegmentationOutput:
         _, pre = self._require()
         pre.prepare(image)
-        labels, prob = self.run_tensor()
+        views = self._views
+        if views is None:
+            labels, prob = self.run_tensor()
+        else:
+            views.begin(pre.geometry)
+            labels, prob = self.run_tensor()
+            views.end()
+            self._current ^= 1  # this frame's log-odds are the next frame's previous ones
+            self._bind_targets(self._binding)
         return SegmentationOutput(
             labels=pre.restore_labels(labels[0], prob[0]),
             instrument_prob=pre.restore_prob(prob[0]),

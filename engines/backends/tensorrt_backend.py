@@ -63,6 +63,14 @@ from engines.base import (
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
 from engines.trt_cache import EngineCache, EngineKey, load_or_invalidate
+from engines.views import (
+    PREVIOUS_TARGET,
+    PREVIOUS_WEIGHT,
+    STATE_INPUTS,
+    TARGET_LOG_ODDS,
+    VIEW_COLUMNS,
+    AlternatingViews,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +116,16 @@ def nodes_downstream(model: Any, tensor: str) -> list[str]:
     return names
 
 
-def convert_to_fp16(model: Any, head_from: str | None = None) -> Any:
+def convert_to_fp16(model: Any, head_from: str | None = None, fp32_from: Sequence[str] = ()) -> Any:
     """FP16 variant of an ``onnx.ModelProto``: FP16 weights/activations, FP32 I/O, argmax/softmax in FP32.
 
     For strongly typed TensorRT networks (TRT 11 has no FP16 builder flag). Uses onnxconverter-common,
     which also keeps the inputs that must stay float (Resize scales) in FP32. ``head_from`` (the logits
     tensor) keeps every node after it in FP32: the label decision and the instrument probability, whether
     written as ArgMax/Softmax or, as the shipped export does, as plane-wise Greater/Where/Exp.
+    ``fp32_from`` (graph inputs) keeps every node after each of them in FP32 too: the fusion of an
+    alternating-view model with its FP32 state inputs (mixing an FP16 tensor with one of them in one
+    node is a type error).
     """
     try:
         from onnxconverter_common import float16
@@ -124,6 +135,8 @@ def convert_to_fp16(model: Any, head_from: str | None = None) -> Any:
         ) from exc
     block = [*float16.DEFAULT_OP_BLOCK_LIST, "ArgMax", "Softmax"]
     head = nodes_downstream(model, head_from) if head_from else []
+    for name in fp32_from:
+        head += [n for n in nodes_downstream(model, name) if n not in head]
     return float16.convert_float_to_float16(
         model, keep_io_types=True, op_block_list=block, node_block_list=head
     )
@@ -138,13 +151,16 @@ def model_for_precision(card: ModelCard, precision: str) -> bytes:
     model, _, _ = add_label_outputs(model, logits, labels_dtype="int32")
     # Expose only labels + probability (+ the presence score of a model with that head): logits stay
     # inside the engine.
-    keep = [o for o in model.graph.output if o.name in (f"{LABELS}_int32", LABELS, PROB, PRESENCE)]
+    # An alternating-view model also keeps its state output (engines.views), fed back on the device.
+    wanted = (f"{LABELS}_int32", LABELS, PROB, PRESENCE, TARGET_LOG_ODDS)
+    keep = [o for o in model.graph.output if o.name in wanted]
     if any(o.name == f"{LABELS}_int32" for o in keep):
         keep = [o for o in keep if o.name != LABELS]
     del model.graph.output[:]
     model.graph.output.extend(keep)
     if precision == "fp16":
-        model = convert_to_fp16(model, head_from=logits)
+        state = [i.name for i in model.graph.input if i.name in (PREVIOUS_TARGET, PREVIOUS_WEIGHT)]
+        model = convert_to_fp16(model, head_from=logits, fp32_from=state)
     elif precision != "fp32":
         raise EngineError(f"unknown TensorRT precision {precision!r}")
     data: bytes = model.SerializeToString()
@@ -558,10 +574,11 @@ class _TrtRunner:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         h, w = card.input_hw
+        state = set(STATE_INPUTS) if card.alternate else set()
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            if is_input:
+            if is_input and name not in state:
                 self.context.set_input_shape(name, (1, card.channels, h, w))
             shape = tuple(int(s) for s in self.context.get_tensor_shape(name))
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
@@ -569,14 +586,29 @@ class _TrtRunner:
             dptr = int(_check(rt.cudaMalloc(nbytes), "cudaMalloc"))
             hptr = int(_check(rt.cudaMallocHost(nbytes), "cudaMallocHost"))
             self._allocs.append((dptr, hptr))
+            # Zeroed: the previous target log-odds are read (with weight 0) before any frame wrote them,
+            # and 0 * NaN from uninitialised memory would be NaN.
+            _check(rt.cudaMemset(dptr, 0, nbytes), "cudaMemset")
+            ctypes.memset(hptr, 0, nbytes)
             buf = (ctypes.c_byte * nbytes).from_address(hptr)
             self.host[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
             self.device[name] = dptr
             if not self.context.set_tensor_address(name, dptr):  # once; a new address means recapture
                 raise EngineError(f"TensorRT refused the address of tensor {name}")
             (self.inputs if is_input else self.outputs).append(name)
-        if len(self.inputs) != 1:
-            raise EngineError(f"engine has {len(self.inputs)} inputs; expected 1")
+        want = 1 + len(state)
+        if len(self.inputs) != want or not state <= set(self.inputs):
+            raise EngineError(f"engine has inputs {self.inputs}; expected the image and {sorted(state)}")
+        self.inputs.sort(key=lambda n: n in state)  # the image first
+        #: Alternating-view state: column order and weight are pinned host inputs copied with the frame;
+        #: the previous target log-odds stay on the device (copied from the output after each run).
+        self.views: AlternatingViews | None = None
+        if card.alternate:
+            if TARGET_LOG_ODDS not in self.outputs:
+                raise EngineError(f"engine outputs {self.outputs} lack {TARGET_LOG_ODDS}")
+            self.views = AlternatingViews(
+                w, columns=self.host[VIEW_COLUMNS].reshape(-1), weight=self.host[PREVIOUS_WEIGHT].reshape(-1)
+            )
         self.labels_name = next((n for n in self.outputs if n.startswith(LABELS)), "")
         self.prob_name = PROB if PROB in self.outputs else ""
         self.present: npt.NDArray[np.float32] | None = self.host.get(PRESENCE)
@@ -601,6 +633,8 @@ class _TrtRunner:
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in self.inputs:
+            if name == PREVIOUS_TARGET:  # device-resident state
+                continue
             arr = self.host[name]
             _check(
                 rt.cudaMemcpyAsync(self.device[name], arr.ctypes.data, arr.nbytes, h2d, self.stream),
@@ -608,7 +642,18 @@ class _TrtRunner:
             )
         if not self.context.execute_async_v3(int(self.stream)):
             raise EngineError("TensorRT execute_async_v3 failed")
+        if self.views is not None:  # this frame's target log-odds become the next frame's previous ones
+            d2d = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            size = self.host[TARGET_LOG_ODDS].nbytes
+            _check(
+                rt.cudaMemcpyAsync(
+                    self.device[PREVIOUS_TARGET], self.device[TARGET_LOG_ODDS], size, d2d, self.stream
+                ),
+                "D2D copy",
+            )
         for name in self.outputs:
+            if name == TARGET_LOG_ODDS:
+                continue
             arr = self.host[name]
             _check(
                 rt.cudaMemcpyAsync(arr.ctypes.data, self.device[name], arr.nbytes, d2h, self.stream),
@@ -631,6 +676,9 @@ class _TrtRunner:
     def run(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32]]:
         """Run on the prepared pinned input; return the pinned output buffers (reused)."""
         rt = self._rt
+        views = self.views
+        if views is not None:  # before a capture too: its warm-up enqueue reads the state inputs
+            views.begin(self.pre.geometry)
         if self._use_graph and self._graph_exec is None:
             try:
                 self._capture()
@@ -642,6 +690,8 @@ class _TrtRunner:
         else:
             self._enqueue()
         _check(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        if views is not None:
+            views.end()
         return self.host[self.labels_name][0], self.host[self.prob_name][0]
 
     def close(self) -> None:
@@ -718,9 +768,11 @@ class TensorRTEngine:
         self.reset()  # warm-up frames are not the previous frame of the first real one
 
     def reset(self) -> None:
-        """Forget the previous frame (temporal models); a no-op before ``load()``."""
+        """Forget the previous frame (temporal and alternating-view models); a no-op before ``load()``."""
         if self._runner is not None:
             self._runner.pre.reset()
+            if self._runner.views is not None:
+                self._runner.views.reset()
 
     def _require(self) -> _TrtRunner:
         if self._runner is None:

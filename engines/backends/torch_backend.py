@@ -27,6 +27,7 @@ from engines.assets import ModelAssetError, ModelCard, load_model_card, resolve_
 from engines.base import EngineError, EngineInfo, EngineUnavailable, SegmentationOutput, presence_scores
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
+from engines.views import AlternatingViews
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def probe_cuda() -> str | None:
 
 def build_torch_model(card: ModelCard) -> Any:
     """The card's architecture with its ``.pt`` state dict loaded, in eval mode, on the CPU (wrapped in
-    :class:`engines.models.unet.MirrorEnsemble` when the card's graph averages the mirrored view)."""
+    :class:`engines.models.unet.MirrorEnsemble` when the card's graph averages the mirrored view, in
+    :class:`engines.models.unet.AlternatingMirror` when it alternates the view)."""
     import torch
 
     try:
@@ -99,6 +101,8 @@ def build_torch_model(card: ModelCard) -> Any:
     model.eval()
     if card.mirror:  # as the card's ONNX graph does: average with the mirrored view
         return unet.MirrorEnsemble(model).eval()
+    if card.alternate:  # as the card's ONNX graph does: one view per frame, the target fused over two
+        return unet.AlternatingMirror(model).eval()
     return model
 
 
@@ -146,6 +150,10 @@ class TorchEngine:
         self._shift: Any = None  # (1, C, 1, 1) decision bias of the card, None when there is none
         self._presence = False  # the network has a presence head (its gate is applied as in the graph)
         self._presence_threshold = 0.0
+        # alternating-view models: host state (engines.views) and its device copies, see _setup_views
+        self._views: AlternatingViews | None = None
+        self._view_state: tuple[Any, Any, Any] | None = None  # (columns, previous log-odds, weight)
+        self._host_views: tuple[Any, Any] | None = None  # pinned (columns, weight) on CUDA
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -209,6 +217,8 @@ class TorchEngine:
                 temporal=card.temporal,
             )
             self._label = f"cpu ({torch.get_num_threads()} threads)"
+        if card.alternate:
+            self._setup_views(torch, (h, w))
         self._card = card
         logger.info(
             "torch %s loaded %s on %s (optimize=%s)",
@@ -218,12 +228,36 @@ class TorchEngine:
             self._optimize,
         )
 
+    def _setup_views(self, torch: Any, hw: tuple[int, int]) -> None:
+        """State of an alternating-view model: column order and weight written by
+        :class:`engines.views.AlternatingViews` (into pinned memory on CUDA, copied to the device with the
+        frame), and the previous target log-odds, a device tensor the step overwrites in place."""
+        dtype = torch.float16 if (self._cuda and self._optimize) else torch.float32
+        if self._cuda:
+            cols_h = torch.zeros((hw[1],), dtype=torch.int32).pin_memory()
+            weight_h = torch.zeros((1,), dtype=torch.float32).pin_memory()
+            self._host_views = (cols_h, weight_h)
+            self._views = AlternatingViews(hw[1], columns=cols_h.numpy(), weight=weight_h.numpy())
+            cols = torch.zeros((hw[1],), dtype=torch.int32, device=self._device)
+            weight = torch.zeros((1,), dtype=dtype, device=self._device)
+        else:
+            self._views = AlternatingViews(hw[1])
+            cols, weight = torch.from_numpy(self._views.columns), torch.from_numpy(self._views.weight)
+        self._view_state = (cols, torch.zeros((1, *hw), dtype=dtype, device=self._device), weight)
+
     def _step(self, x: Any) -> tuple[Any, Any, Any]:
         """``(labels, instrument prob, instrument_present or None)`` as the exported graph computes them."""
         import torch
 
         present = None
-        if self._presence:
+        if self._view_state is not None:
+            cols, previous, weight = self._view_state
+            logits, own, presence = self._net.forward_with_presence(x, cols, previous, weight)
+            previous.copy_(own)  # in place: the next frame's input, also inside a captured CUDA graph
+            logits = logits.float()
+            if self._presence and presence is not None:
+                present = torch.sigmoid(presence.float())
+        elif self._presence:
             logits, presence = self._net.forward_with_presence(x)
             logits = logits.float()
             present = torch.sigmoid(presence.float())
@@ -255,9 +289,11 @@ class TorchEngine:
         self.reset()  # warm-up frames are not the previous frame of the first real one
 
     def reset(self) -> None:
-        """Forget the previous frame (temporal models); a no-op before ``load()``."""
+        """Forget the previous frame (temporal and alternating-view models); a no-op before ``load()``."""
         if self._pre is not None:
             self._pre.reset()
+        if self._views is not None:
+            self._views.reset()
 
     def _capture(self) -> None:
         """Capture network + argmax + softmax as one CUDA graph reading the static input."""
@@ -281,10 +317,16 @@ class TorchEngine:
         import torch
 
         pre.prepare(image)
+        views = self._views
+        if views is not None:
+            views.begin(pre.geometry)
         with torch.inference_mode():
             if self._cuda:
                 with torch.cuda.stream(self._stream):
                     self._static_in.copy_(self._host_in, non_blocking=True)
+                    if self._host_views is not None and self._view_state is not None:
+                        self._view_state[0].copy_(self._host_views[0], non_blocking=True)
+                        self._view_state[2].copy_(self._host_views[1], non_blocking=True)
                     if self._graph is not None and self._static_out is not None:
                         self._graph.replay()
                         labels, prob, present = self._static_out
@@ -304,6 +346,8 @@ class TorchEngine:
                 labels, prob, present = self._step(x)
                 lab_np, prob_np = labels.numpy(), prob.numpy()
                 present_np = present.numpy() if present is not None else None
+        if views is not None:
+            views.end()
         return SegmentationOutput(
             labels=pre.restore_labels(lab_np[0], prob_np[0]),
             instrument_prob=pre.restore_prob(prob_np[0]),

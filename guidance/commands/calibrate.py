@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "frame); the operating point is chosen for, and exported with, that graph",
     )
     p.add_argument(
+        "--alternate-mirror",
+        action="store_true",
+        help="one network pass per frame, the view alternating (as it is, mirrored, ...), and the target "
+        "log-odds averaged with the previous frame's; the operating point is chosen for, and exported "
+        "with, that graph",
+    )
+    p.add_argument(
         "--reference",
         type=Path,
         default=None,
@@ -62,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"calibration needs the 'train' extra (pip install -e '.[train]'): {exc}"
         ) from None
-    cfg = calibration.CalibrationConfig(max_false_detection=args.max_false_detection, mirror=args.mirror)
+    if args.mirror and args.alternate_mirror:
+        raise CommandError("--mirror and --alternate-mirror exclude each other: choose one")
+    cfg = calibration.CalibrationConfig(
+        max_false_detection=args.max_false_detection, mirror=args.mirror, alternate=args.alternate_mirror
+    )
     if args.sequences is not None:
         cfg = dataclasses.replace(cfg, sequences=args.sequences)
     try:
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         report["bias_rule"],
         report["target_logit_bias"],
         "on" if report["single_region_target"]["enabled"] else "off",
-        "; mirrored" if report.get("mirror") else "",
+        "; mirrored" if report.get("mirror") else "; alternating views" if report.get("alternate") else "",
         onnx_path,
         card_path,
     )

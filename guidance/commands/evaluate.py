@@ -96,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
         factory = evaluation.registry_engine_factory(
             args.engine, **({"model": args.model} if args.model else {})
         )
-        previous = (
-            evaluation.heldout_previous_frames(cfg) if evaluation.model_is_temporal(args.model) else None
-        )
+        previous = evaluation.heldout_predecessors(cfg, args.model)
         evaluation.contour_grid(factory, evaluation.heldout_sequences(cfg), args.grid, previous=previous)
     for line in evaluation.summary_lines(report):
         sys.stderr.write(line + "\n")

@@ -389,3 +389,59 @@ def test_calibrate_command_refuses_a_missing_or_uncalibrated_reference(
     assert main([*args, str(card)]) == 1  # a training run's card: no calibration block
     assert "is not calibrated" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(tmp_path: Path) -> None:
+    """``alternate=True``: the logits calibration decides on are, frame for frame, what an ONNX Runtime
+    engine computes when the evaluation feeds it as it does (two predecessors before each scored frame),
+    so the operating point is chosen on the frames and views the held-out figures come from. The scored
+    frames alternate between the plain and the mirrored view. The re-export carries the graph."""
+    from engines.backends.onnxruntime_backend import OnnxRuntimeEngine
+    from guidance import evaluation
+
+    cfg = evaluation.EvalConfig(
+        modalities=("us",), sequences=1, frames=4, stride=6, width=64, height=64, plus_dir=None
+    )
+    torch.manual_seed(3)
+    model = build_model(TINY_CONFIG).eval()
+    _, card_path = export_model_asset(
+        model, tmp_path / "m", CardInfo(name="m", version="0"), height=64, width=64, alternate=True
+    )
+    assert evaluation.predecessors_for(card_path) == 2
+    seq = evaluation.heldout_sequences(cfg)["us"][0]
+    before = evaluation.heldout_predecessors(cfg, card_path)
+    assert before is not None
+    assert [[p.index for p in b] for b in before["us"][0]] == [[], [4, 5], [10, 11], [16, 17]]
+    assert [calibration.alternating_views(j)[0] for j in range(4)] == [False, True, False, True]
+
+    fused, _ = calibration._alternating_outputs(
+        model, seq, 64, [b[-1] if b else None for b in before["us"][0]]
+    )
+    engine = OnnxRuntimeEngine(card_path, device="cpu")
+    engine.load()
+    try:
+        engine.reset()
+        for j, fr in enumerate(seq):
+            for p in before["us"][0][j]:
+                engine.infer(p.image)
+            out = engine.infer(fr.image)
+            labels, prob = calibration.decide(fused[j], 0.0, False)
+            assert out.instrument_prob is not None
+            np.testing.assert_allclose(out.instrument_prob, prob, atol=2e-5)
+            assert (out.labels == labels).mean() >= 0.999
+    finally:
+        engine.close()
+    plain, _ = calibration._outputs(model, seq, 64)
+    np.testing.assert_allclose(fused[0], plain[0], atol=1e-5)  # the first frame: alone, plain
+    assert np.abs(fused[1:] - plain[1:]).max() > 1e-4
+
+    small = calibration.CalibrationConfig(
+        biases=(0.0,), target_biases=(0.0,), sequences=1, frames=3, stride=5, size=64, seed_probs=()
+    )
+    report = calibration.calibrate(model, dataclasses.replace(small, alternate=True))
+    assert report["alternate"] is True
+    with pytest.raises(calibration.CalibrationError, match="exclude each other"):
+        calibration.calibrate(model, dataclasses.replace(small, alternate=True, mirror=True))
+    torch.save(model.state_dict(), card_path.with_suffix(".pt"))
+    _, new_card = calibration.apply_calibration(card_path, tmp_path / "out", report)
+    assert load_model_card(new_card).alternate is True

@@ -208,8 +208,11 @@ def test_model_evaluation_feeds_a_temporal_model_the_frame_before_each_one(tmp_p
     )
     data = evaluation.heldout_sequences(cfg)
     previous = evaluation.heldout_previous_frames(cfg)
-    assert [[p is None for p in s] for s in previous["us"]] == [[True, False, False]] * 2
-    assert [p.index for p in previous["us"][0][1:] if p is not None] == [5, 11]
+    assert [[len(p) for p in s] for s in previous["us"]] == [[0, 1, 1]] * 2
+    assert [p[0].index for p in previous["us"][0][1:]] == [5, 11]
+    again = evaluation.heldout_predecessors(cfg, card)
+    assert again is not None
+    assert [[[p.index for p in b] for b in s] for s in again["us"]] == [[[], [5], [11]]] * 2
 
     seen: list[np.ndarray] = []
 
@@ -239,7 +242,7 @@ def test_model_evaluation_feeds_a_temporal_model_the_frame_before_each_one(tmp_p
     expected = []
     for seq, prevs in zip(data["us"], previous["us"], strict=True):
         for fr, prev in zip(seq, prevs, strict=True):
-            x = temporal_input(normalize(fr.image), None if prev is None else normalize(prev.image))
+            x = temporal_input(normalize(fr.image), normalize(prev[0].image) if prev else None)
             with torch.inference_mode():
                 expected.append(model(torch.from_numpy(x[None])).argmax(1)[0].numpy().astype(np.uint8))
     got = [seen[i] for i in (0, 2, 4, 5, 7, 9)]  # skip the priming calls

@@ -1,0 +1,91 @@
+"""State of a model that alternates its view from frame to frame (card ``test_time.mirror`` = ``"alternate"``).
+
+The graph (:class:`engines.models.unet.AlternatingMirror`) runs the network once per frame, on the frame as
+it is or on its left-right mirror image, and fuses the target log-odds with the previous frame's, which
+came from the other view. Everything that changes from frame to frame lives outside the graph, in the
+tensors named here; :class:`AlternatingViews` keeps them, backend-agnostic, in preallocated buffers:
+
+* ``view_columns`` (W,) int32: the column order of this frame's view, ``0..W-1`` or ``W-1..0``;
+* ``previous_weight`` (1,) float32: 0.5, or 0 on a stream's first frame (nothing to fuse with);
+* ``previous_target`` (1, H, W) float32: the previous frame's ``target_log_odds`` output. The backends
+  feed the output buffer of one frame as the input of the next (ONNX Runtime swaps two bound buffers,
+  TensorRT copies on the device, torch keeps the tensor), so this module never touches it.
+
+A new stream (``reset()``), or a frame of another geometry, starts again with the plain view and weight 0:
+the previous log-odds belong to another picture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import numpy as np
+import numpy.typing as npt
+
+VIEW_COLUMNS = "view_columns"
+PREVIOUS_TARGET = "previous_target"
+PREVIOUS_WEIGHT = "previous_weight"
+TARGET_LOG_ODDS = "target_log_odds"
+#: The graph's inputs besides the image, in the order the export declares them.
+STATE_INPUTS = (VIEW_COLUMNS, PREVIOUS_TARGET, PREVIOUS_WEIGHT)
+#: Card ``test_time.mirror`` value of such a model.
+ALTERNATE = "alternate"
+#: Weight of the previous frame's target log-odds when there is one (a plain mean of the two views).
+FUSE_WEIGHT = 0.5
+
+
+class AlternatingViews:
+    """Which view the next frame gets, and whether it has a previous frame to fuse with.
+
+    Use: :meth:`begin` before each run (writes ``columns`` and ``weight``, which the backend has bound as
+    inputs), :meth:`end` after it succeeded. ``columns`` and ``weight`` may be caller-owned buffers (e.g.
+    pinned host memory); they are written in place, never reallocated.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        columns: npt.NDArray[np.int32] | None = None,
+        weight: npt.NDArray[np.float32] | None = None,
+    ) -> None:
+        self.width = int(width)
+        self._orders = (
+            np.arange(self.width, dtype=np.int32),
+            np.arange(self.width - 1, -1, -1, dtype=np.int32),
+        )
+        self.columns = np.zeros(self.width, dtype=np.int32) if columns is None else columns
+        self.weight = np.zeros(1, dtype=np.float32) if weight is None else weight
+        if self.columns.shape[-1] != self.width or self.columns.dtype != np.int32:
+            raise ValueError(f"view_columns buffer must be int32 ({self.width},), got {self.columns.dtype}")
+        if self.weight.size != 1 or self.weight.dtype != np.float32:
+            raise ValueError(f"previous_weight buffer must be float32 (1,), got {self.weight.dtype}")
+        self._view = 0  # 0: the frame as it is, 1: mirrored
+        self._has_previous = False
+        self._key: Hashable = None
+        np.copyto(self.columns, self._orders[0])
+        self.weight.fill(0.0)
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether the frame of the next :meth:`begin` (or the current one, between begin and end) is
+        mirrored."""
+        return self._view == 1
+
+    def reset(self) -> None:
+        """A new stream: the next frame is plain and has nothing to fuse with."""
+        self._view = 0
+        self._has_previous = False
+
+    def begin(self, key: Hashable = None) -> None:
+        """Set the state inputs for the next frame. ``key`` identifies the frame geometry: when it differs
+        from the previous frame's, the stream starts again (the previous log-odds are another picture's)."""
+        if key != self._key:
+            self.reset()
+            self._key = key
+        np.copyto(self.columns, self._orders[self._view])
+        self.weight.fill(FUSE_WEIGHT if self._has_previous else 0.0)
+
+    def end(self) -> None:
+        """The frame ran: its log-odds are the next frame's previous ones, and the view flips."""
+        self._has_previous = True
+        self._view ^= 1

@@ -1,0 +1,219 @@
+"""Alternating views (card ``test_time.mirror`` = "alternate"): the state machine, the exported graph, and
+every backend that runs it on this machine agreeing with the arithmetic calibration scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import assets
+from engines.backends import onnxruntime_backend, tensorrt_backend, torch_backend
+from engines.base import EngineError
+from engines.views import AlternatingViews
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+
+
+def test_eng_views_alternate_and_start_again_on_reset_or_new_geometry() -> None:
+    views = AlternatingViews(4)
+    seen = []
+    for key in ("a", "a", "a", "b", "b"):
+        views.begin(key)
+        seen.append((views.columns.tolist(), float(views.weight[0])))
+        views.end()
+    plain, mirrored = [0, 1, 2, 3], [3, 2, 1, 0]
+    assert seen == [
+        (plain, 0.0),  # first frame: nothing to fuse with
+        (mirrored, 0.5),
+        (plain, 0.5),
+        (plain, 0.0),  # another geometry: a new stream
+        (mirrored, 0.5),
+    ]
+    views.reset()
+    views.begin("b")
+    assert views.columns.tolist() == plain
+    assert views.weight[0] == 0.0
+    assert not views.mirrored
+
+
+def test_eng_views_write_into_caller_buffers_and_check_them() -> None:
+    cols = np.full(3, -1, dtype=np.int32)
+    weight = np.full(1, -1.0, dtype=np.float32)
+    views = AlternatingViews(3, columns=cols, weight=weight)
+    views.begin()
+    views.end()
+    views.begin()
+    assert cols.tolist() == [2, 1, 0]
+    assert weight[0] == 0.5
+    with pytest.raises(ValueError, match="int32"):
+        AlternatingViews(3, columns=np.zeros(3, dtype=np.int64))
+
+
+def test_eng_card_alternate_is_parsed_and_other_fusions_refused(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    card = assets.make_random_model(tmp_path, 32, 32, tiny=True, alternate=True, name="alt")
+    parsed = assets.load_model_card(card)
+    assert parsed.alternate
+    assert not parsed.mirror
+    data = json.loads(card.read_text())
+    assert data["test_time"]["passes_per_frame"] == 1
+    assert [t["name"] for t in data["test_time"]["state_inputs"]] == [
+        "view_columns",
+        "previous_target",
+        "previous_weight",
+    ]
+    data["test_time"]["fused_classes"] = ["target", "instrument"]
+    card.write_text(json.dumps(data))
+    with pytest.raises(assets.ModelAssetError, match="fuses \\['target'\\] only"):
+        assets.load_model_card(card)
+
+
+def test_eng_single_view_card_beside_an_alternating_graph_is_refused(tmp_path: Path) -> None:
+    """A card that does not say "alternate" cannot drive a graph that needs the state inputs."""
+    pytest.importorskip("torch")
+    card = assets.make_random_model(tmp_path, 32, 32, tiny=True, alternate=True, name="alt")
+    data = json.loads(card.read_text())
+    del data["test_time"]
+    card.write_text(json.dumps(data))
+    engine = onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu")
+    with pytest.raises(EngineError, match="its card asks for 1"):
+        engine.load()
+
+
+def _sequence() -> list[np.ndarray]:
+    """Frames at the network's size (nothing resized), a bright bar moving over a textured background."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(40, 120, size=(64, 64)).astype(np.float32)
+    frames = []
+    for k in range(5):
+        f = base.copy()
+        f[20:26, 10 + 3 * k : 40 + 3 * k] = 230
+        frames.append(f.astype(np.uint8))
+    return frames
+
+
+@needs_torch
+def test_eng_onnxruntime_alternating_engine_matches_the_calibration_arithmetic(tmp_path: Path) -> None:
+    """Frame by frame, the engine's labels and instrument probability are what calibration scores: the
+    network on the frame in this frame's view, the target log-odds averaged with the predecessor's in the
+    other view (:func:`guidance.calibration.fuse_alternating`), decided with the card's biases. After
+    ``reset()`` the next frame is the plain single view again."""
+    import torch
+
+    from engines.models import unet
+    from engines.models.preprocess import normalize
+    from guidance import calibration
+
+    card = assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=4, alternate=True, name="alt")
+    model = unet.build_model(unet.TINY_CONFIG)
+    model.load_state_dict(torch.load(card.with_suffix(".pt"), weights_only=True))
+    model.eval()
+
+    def logits(img: np.ndarray, mirrored: bool) -> np.ndarray:
+        x = normalize(img)[None, None]
+        if mirrored:
+            x = np.ascontiguousarray(x[..., ::-1])
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x))[0].numpy()
+        return np.ascontiguousarray(out[..., ::-1]) if mirrored else out
+
+    frames = _sequence()
+    engine = onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu")
+    engine.load()
+    try:
+        engine.warm_up()
+        stream = [*frames[:3], None, *frames[3:]]  # None: a reset
+        expected, got, prev, view = [], [], None, 0
+        for img in stream:
+            if img is None:
+                engine.reset()
+                prev, view = None, 0
+                continue
+            own = logits(img, view == 1)
+            fused = calibration.fuse_alternating(own, prev)
+            expected.append(calibration.decide(fused, 0.0, False))
+            out = engine.infer(img)
+            assert out.instrument_prob is not None
+            got.append((out.labels, out.instrument_prob))
+            prev, view = own, 1 - view
+        for (el, ep), (gl, gp) in zip(expected, got, strict=True):
+            np.testing.assert_allclose(gp, ep, atol=2e-5)
+            assert (gl == el).mean() >= 0.999
+        # the fusion is not a no-op: frame 1 differs from its single plain view ...
+        single = calibration.decide(logits(frames[1], False), 0.0, False)[1]
+        assert float(np.abs(got[1][1] - single).max()) > 1e-4
+        # ... and the first frame after the reset is the single plain view
+        after_reset = calibration.decide(logits(frames[3], False), 0.0, False)[1]
+        np.testing.assert_allclose(got[3][1], after_reset, atol=2e-5)
+    finally:
+        engine.close()
+
+
+@needs_torch
+@pytest.mark.parametrize("optimize", [False, True])
+def test_eng_torch_alternating_engine_agrees_with_onnxruntime(tmp_path: Path, optimize: bool) -> None:
+    """torch runs :class:`AlternatingMirror` itself, keeping the state on its device; over a stream with
+    a reset and a change of frame size it gives ONNX Runtime's results."""
+    from engines.models import unet
+
+    card = assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=6, alternate=True, name="alt")
+    assert isinstance(torch_backend.build_torch_model(assets.load_model_card(card)), unet.AlternatingMirror)
+    frames = _sequence()
+    big = np.kron(frames[4], np.ones((2, 2), dtype=np.uint8))
+    stream = [*frames[:3], None, frames[3], big, frames[4]]
+    results = []
+    for engine in (
+        onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu"),
+        torch_backend.TorchEngine(card, device="cpu", optimize=optimize),
+    ):
+        engine.load()
+        engine.warm_up()
+        out = []
+        for img in stream:
+            if img is None:
+                engine.reset()
+                continue
+            r = engine.infer(img)
+            out.append((r.labels, r.instrument_prob))
+        engine.close()
+        results.append(out)
+    for (la, pa), (lb, pb) in zip(*results, strict=True):
+        assert (la == lb).mean() >= 0.999
+        np.testing.assert_allclose(pa, pb, atol=1e-4)
+
+
+@needs_torch
+def test_eng_tensorrt_variant_of_an_alternating_model_keeps_its_state_and_agrees(tmp_path: Path) -> None:
+    """What TensorRT would parse (checked on ONNX Runtime, as TensorRT itself needs a GPU): the state
+    inputs and the state output survive the output pruning, the FP16 variant keeps FP32 I/O, and with the
+    same state both variants decide the same labels."""
+    import onnxruntime as ort
+
+    card = assets.load_model_card(
+        assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=2, alternate=True, name="alt")
+    )
+    rng = np.random.default_rng(1)
+    feed = {
+        "image": rng.random((1, 1, 64, 64), dtype=np.float32),
+        "view_columns": np.arange(63, -1, -1, dtype=np.int32),
+        "previous_target": rng.normal(size=(1, 64, 64)).astype(np.float32),
+        "previous_weight": np.array([0.5], dtype=np.float32),
+    }
+    outs = []
+    for precision in ("fp32", "fp16"):
+        sess = ort.InferenceSession(
+            tensorrt_backend.model_for_precision(card, precision), providers=["CPUExecutionProvider"]
+        )
+        assert [i.name for i in sess.get_inputs()] == list(feed)
+        assert {i.name: i.type for i in sess.get_inputs()}["previous_target"] == "tensor(float)"
+        names = sorted(o.name for o in sess.get_outputs())
+        assert names == ["instrument_prob", "labels_int32", "target_log_odds"]
+        outs.append(sess.run(["labels_int32", "instrument_prob", "target_log_odds"], feed))
+    (l32, p32, t32), (l16, p16, t16) = outs
+    v = tensorrt_backend.compare_outputs(l32[0], p32[0], l16[0], p16[0])
+    assert v.ok, v.reason
+    np.testing.assert_allclose(t16, t32, atol=0.05)

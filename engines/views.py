@@ -5,7 +5,7 @@ it is or on its left-right mirror image, and fuses the target log-odds with the 
 came from the other view. Everything that changes from frame to frame lives outside the graph, in the
 tensors named here; :class:`AlternatingViews` keeps them, backend-agnostic, in preallocated buffers:
 
-* ``view_columns`` (W,) int32: the column order of this frame's view, ``0..W-1`` or ``W-1..0``;
+* ``view_mirrored`` (1,) float32: 1 when this frame runs mirrored, else 0;
 * ``previous_weight`` (1,) float32: 0.5, or 0 on a stream's first frame (nothing to fuse with);
 * ``previous_target`` (1, H, W) float32: the previous frame's ``target_log_odds`` output. The backends
   feed the output buffer of one frame as the input of the next (ONNX Runtime swaps two bound buffers,
@@ -22,12 +22,12 @@ from collections.abc import Hashable
 import numpy as np
 import numpy.typing as npt
 
-VIEW_COLUMNS = "view_columns"
+VIEW_MIRRORED = "view_mirrored"
 PREVIOUS_TARGET = "previous_target"
 PREVIOUS_WEIGHT = "previous_weight"
 TARGET_LOG_ODDS = "target_log_odds"
 #: The graph's inputs besides the image, in the order the export declares them.
-STATE_INPUTS = (VIEW_COLUMNS, PREVIOUS_TARGET, PREVIOUS_WEIGHT)
+STATE_INPUTS = (VIEW_MIRRORED, PREVIOUS_TARGET, PREVIOUS_WEIGHT)
 #: Card ``test_time.mirror`` value of such a model.
 ALTERNATE = "alternate"
 #: Weight of the previous frame's target log-odds when there is one (a plain mean of the two views).
@@ -37,32 +37,25 @@ FUSE_WEIGHT = 0.5
 class AlternatingViews:
     """Which view the next frame gets, and whether it has a previous frame to fuse with.
 
-    Use: :meth:`begin` before each run (writes ``columns`` and ``weight``, which the backend has bound as
-    inputs), :meth:`end` after it succeeded. ``columns`` and ``weight`` may be caller-owned buffers (e.g.
-    pinned host memory); they are written in place, never reallocated.
+    Use: :meth:`begin` before each run (writes ``mirror`` and ``weight``, which the backend has bound as
+    inputs), :meth:`end` after it succeeded. ``mirror`` and ``weight`` may be caller-owned ``(1,)``
+    float32 buffers (e.g. pinned host memory); they are written in place, never reallocated.
     """
 
     def __init__(
         self,
-        width: int,
-        columns: npt.NDArray[np.int32] | None = None,
+        mirror: npt.NDArray[np.float32] | None = None,
         weight: npt.NDArray[np.float32] | None = None,
     ) -> None:
-        self.width = int(width)
-        self._orders = (
-            np.arange(self.width, dtype=np.int32),
-            np.arange(self.width - 1, -1, -1, dtype=np.int32),
-        )
-        self.columns = np.zeros(self.width, dtype=np.int32) if columns is None else columns
+        self.mirror = np.zeros(1, dtype=np.float32) if mirror is None else mirror
         self.weight = np.zeros(1, dtype=np.float32) if weight is None else weight
-        if self.columns.shape[-1] != self.width or self.columns.dtype != np.int32:
-            raise ValueError(f"view_columns buffer must be int32 ({self.width},), got {self.columns.dtype}")
-        if self.weight.size != 1 or self.weight.dtype != np.float32:
-            raise ValueError(f"previous_weight buffer must be float32 (1,), got {self.weight.dtype}")
+        for name, buf in ((VIEW_MIRRORED, self.mirror), (PREVIOUS_WEIGHT, self.weight)):
+            if buf.size != 1 or buf.dtype != np.float32:
+                raise ValueError(f"{name} buffer must be float32 (1,), got {buf.dtype} {buf.shape}")
         self._view = 0  # 0: the frame as it is, 1: mirrored
         self._has_previous = False
         self._key: Hashable = None
-        np.copyto(self.columns, self._orders[0])
+        self.mirror.fill(0.0)
         self.weight.fill(0.0)
 
     @property
@@ -82,7 +75,7 @@ class AlternatingViews:
         if key != self._key:
             self.reset()
             self._key = key
-        np.copyto(self.columns, self._orders[self._view])
+        self.mirror.fill(float(self._view))
         self.weight.fill(FUSE_WEIGHT if self._has_previous else 0.0)
 
     def end(self) -> None:

@@ -17,6 +17,10 @@ Tuning (measured on the 2-core development VM, random-init default U-Net at 256x
 * Argmax and the instrument softmax run inside the graph: if the model only outputs logits, ArgMax(+Cast)
   and Softmax(+Gather) nodes are appended at load time (:func:`add_label_outputs`); only ``labels`` and
   ``instrument_prob`` are bound, so the logits never leave the session.
+* Alternating-view models (card ``test_time.mirror`` = ``"alternate"``, :mod:`engines.views`): the view
+  flag and the weight are one-element bound buffers rewritten in place per frame; the target log-odds live in
+  two bound buffers that swap roles (this frame's output, the next frame's input) by rebinding, so the
+  state is never copied.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from engines.views import (
     PREVIOUS_WEIGHT,
     STATE_INPUTS,
     TARGET_LOG_ODDS,
-    VIEW_COLUMNS,
+    VIEW_MIRRORED,
     AlternatingViews,
 )
 
@@ -295,17 +299,17 @@ class OnnxRuntimeEngine:
         )
 
     def _bind_views(self, ort: Any, binding: Any, hw: tuple[int, int]) -> None:
-        """Bind the state of an alternating-view model (:mod:`engines.views`): the column order and the
+        """Bind the state of an alternating-view model (:mod:`engines.views`): the view flag and the
         weight are rewritten in place per frame; the target log-odds live in two buffers whose roles
         (this frame's output, next frame's input) swap after every frame, so nothing is copied."""
-        views = AlternatingViews(hw[1])
+        views = AlternatingViews()
         targets = (np.zeros((1, *hw), dtype=np.float32), np.zeros((1, *hw), dtype=np.float32))
         values = tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in targets)
-        col_val = ort.OrtValue.ortvalue_from_numpy(views.columns)
+        mirror_val = ort.OrtValue.ortvalue_from_numpy(views.mirror)
         weight_val = ort.OrtValue.ortvalue_from_numpy(views.weight)
-        binding.bind_ortvalue_input(VIEW_COLUMNS, col_val)
+        binding.bind_ortvalue_input(VIEW_MIRRORED, mirror_val)
         binding.bind_ortvalue_input(PREVIOUS_WEIGHT, weight_val)
-        self._keep += [col_val, weight_val, *values]
+        self._keep += [mirror_val, weight_val, *values]
         self._views, self._targets, self._target_values, self._current = views, targets, values, 0
         self._bind_targets(binding)
 

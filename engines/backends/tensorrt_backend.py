@@ -27,11 +27,16 @@ Design:
   buffers (the preprocessor writes the input straight into pinned memory), optional CUDA-graph capture
   after one warm-up enqueue (recaptured when an address or shape changes); CUDA through ``cuda-bindings``
   (``from cuda.bindings import runtime``), not PyCUDA.
+* **Alternating-view models** (:mod:`engines.views`). The view flag and the weight are pinned host
+  inputs copied with the frame; the previous target log-odds never leave the GPU: after each run the
+  state output is copied device to device into the state input, inside the captured graph. The fusion
+  after those FP32 inputs stays FP32 in the FP16 variant.
 
 What could not run on the development machines (no GPU, TensorRT not installable there): the builder,
-runtime, CUDA-graph and progress-monitor code paths. Everything around them is tested on the CPU: cache
+runtime, CUDA-graph and progress-monitor code paths, the alternating-view state handling among them.
+Everything around them is tested on the CPU: cache
 keys and invalidation, precision choice, the golden-check decision with fake outputs, the FP16 conversion
-(checked with ONNX Runtime), the background-build lifecycle with a fake build, and the probe messages.
+(checked with ONNX Runtime, for an alternating-view graph too), the background-build lifecycle with a fake build, and the probe messages.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ from engines.views import (
     PREVIOUS_WEIGHT,
     STATE_INPUTS,
     TARGET_LOG_ODDS,
-    VIEW_COLUMNS,
+    VIEW_MIRRORED,
     AlternatingViews,
 )
 
@@ -600,14 +605,14 @@ class _TrtRunner:
         if len(self.inputs) != want or not state <= set(self.inputs):
             raise EngineError(f"engine has inputs {self.inputs}; expected the image and {sorted(state)}")
         self.inputs.sort(key=lambda n: n in state)  # the image first
-        #: Alternating-view state: column order and weight are pinned host inputs copied with the frame;
+        #: Alternating-view state: view flag and weight are pinned host inputs copied with the frame;
         #: the previous target log-odds stay on the device (copied from the output after each run).
         self.views: AlternatingViews | None = None
         if card.alternate:
             if TARGET_LOG_ODDS not in self.outputs:
                 raise EngineError(f"engine outputs {self.outputs} lack {TARGET_LOG_ODDS}")
             self.views = AlternatingViews(
-                w, columns=self.host[VIEW_COLUMNS].reshape(-1), weight=self.host[PREVIOUS_WEIGHT].reshape(-1)
+                mirror=self.host[VIEW_MIRRORED].reshape(-1), weight=self.host[PREVIOUS_WEIGHT].reshape(-1)
             )
         self.labels_name = next((n for n in self.outputs if n.startswith(LABELS)), "")
         self.prob_name = PROB if PROB in self.outputs else ""

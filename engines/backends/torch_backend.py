@@ -152,8 +152,8 @@ class TorchEngine:
         self._presence_threshold = 0.0
         # alternating-view models: host state (engines.views) and its device copies, see _setup_views
         self._views: AlternatingViews | None = None
-        self._view_state: tuple[Any, Any, Any] | None = None  # (columns, previous log-odds, weight)
-        self._host_views: tuple[Any, Any] | None = None  # pinned (columns, weight) on CUDA
+        self._view_state: tuple[Any, Any, Any] | None = None  # (mirrored, previous log-odds, weight)
+        self._host_views: tuple[Any, Any] | None = None  # pinned (mirrored, weight) on CUDA
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -229,21 +229,21 @@ class TorchEngine:
         )
 
     def _setup_views(self, torch: Any, hw: tuple[int, int]) -> None:
-        """State of an alternating-view model: column order and weight written by
+        """State of an alternating-view model: view flag and weight written by
         :class:`engines.views.AlternatingViews` (into pinned memory on CUDA, copied to the device with the
         frame), and the previous target log-odds, a device tensor the step overwrites in place."""
         dtype = torch.float16 if (self._cuda and self._optimize) else torch.float32
         if self._cuda:
-            cols_h = torch.zeros((hw[1],), dtype=torch.int32).pin_memory()
+            mirror_h = torch.zeros((1,), dtype=torch.float32).pin_memory()
             weight_h = torch.zeros((1,), dtype=torch.float32).pin_memory()
-            self._host_views = (cols_h, weight_h)
-            self._views = AlternatingViews(hw[1], columns=cols_h.numpy(), weight=weight_h.numpy())
-            cols = torch.zeros((hw[1],), dtype=torch.int32, device=self._device)
+            self._host_views = (mirror_h, weight_h)
+            self._views = AlternatingViews(mirror=mirror_h.numpy(), weight=weight_h.numpy())
+            mirror = torch.zeros((1,), dtype=dtype, device=self._device)
             weight = torch.zeros((1,), dtype=dtype, device=self._device)
         else:
-            self._views = AlternatingViews(hw[1])
-            cols, weight = torch.from_numpy(self._views.columns), torch.from_numpy(self._views.weight)
-        self._view_state = (cols, torch.zeros((1, *hw), dtype=dtype, device=self._device), weight)
+            self._views = AlternatingViews()
+            mirror, weight = torch.from_numpy(self._views.mirror), torch.from_numpy(self._views.weight)
+        self._view_state = (mirror, torch.zeros((1, *hw), dtype=dtype, device=self._device), weight)
 
     def _step(self, x: Any) -> tuple[Any, Any, Any]:
         """``(labels, instrument prob, instrument_present or None)`` as the exported graph computes them."""
@@ -251,8 +251,8 @@ class TorchEngine:
 
         present = None
         if self._view_state is not None:
-            cols, previous, weight = self._view_state
-            logits, own, presence = self._net.forward_with_presence(x, cols, previous, weight)
+            mirror, previous, weight = self._view_state
+            logits, own, presence = self._net.forward_with_presence(x, mirror, previous, weight)
             previous.copy_(own)  # in place: the next frame's input, also inside a captured CUDA graph
             logits = logits.float()
             if self._presence and presence is not None:

@@ -19,38 +19,35 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reas
 
 
 def test_eng_views_alternate_and_start_again_on_reset_or_new_geometry() -> None:
-    views = AlternatingViews(4)
+    views = AlternatingViews()
     seen = []
     for key in ("a", "a", "a", "b", "b"):
         views.begin(key)
-        seen.append((views.columns.tolist(), float(views.weight[0])))
+        seen.append((float(views.mirror[0]), float(views.weight[0])))
         views.end()
-    plain, mirrored = [0, 1, 2, 3], [3, 2, 1, 0]
     assert seen == [
-        (plain, 0.0),  # first frame: nothing to fuse with
-        (mirrored, 0.5),
-        (plain, 0.5),
-        (plain, 0.0),  # another geometry: a new stream
-        (mirrored, 0.5),
+        (0.0, 0.0),  # first frame: plain, nothing to fuse with
+        (1.0, 0.5),
+        (0.0, 0.5),
+        (0.0, 0.0),  # another geometry: a new stream
+        (1.0, 0.5),
     ]
     views.reset()
     views.begin("b")
-    assert views.columns.tolist() == plain
-    assert views.weight[0] == 0.0
+    assert (views.mirror[0], views.weight[0]) == (0.0, 0.0)
     assert not views.mirrored
 
 
 def test_eng_views_write_into_caller_buffers_and_check_them() -> None:
-    cols = np.full(3, -1, dtype=np.int32)
+    mirror = np.full(1, -1.0, dtype=np.float32)
     weight = np.full(1, -1.0, dtype=np.float32)
-    views = AlternatingViews(3, columns=cols, weight=weight)
+    views = AlternatingViews(mirror=mirror, weight=weight)
     views.begin()
     views.end()
     views.begin()
-    assert cols.tolist() == [2, 1, 0]
-    assert weight[0] == 0.5
-    with pytest.raises(ValueError, match="int32"):
-        AlternatingViews(3, columns=np.zeros(3, dtype=np.int64))
+    assert (mirror[0], weight[0]) == (1.0, 0.5)
+    with pytest.raises(ValueError, match="view_mirrored buffer must be float32"):
+        AlternatingViews(mirror=np.zeros(1, dtype=np.float64))
 
 
 def test_eng_card_alternate_is_parsed_and_other_fusions_refused(tmp_path: Path) -> None:
@@ -62,7 +59,7 @@ def test_eng_card_alternate_is_parsed_and_other_fusions_refused(tmp_path: Path) 
     data = json.loads(card.read_text())
     assert data["test_time"]["passes_per_frame"] == 1
     assert [t["name"] for t in data["test_time"]["state_inputs"]] == [
-        "view_columns",
+        "view_mirrored",
         "previous_target",
         "previous_weight",
     ]
@@ -199,7 +196,7 @@ def test_eng_tensorrt_variant_of_an_alternating_model_keeps_its_state_and_agrees
     rng = np.random.default_rng(1)
     feed = {
         "image": rng.random((1, 1, 64, 64), dtype=np.float32),
-        "view_columns": np.arange(63, -1, -1, dtype=np.int32),
+        "view_mirrored": np.ones(1, dtype=np.float32),
         "previous_target": rng.normal(size=(1, 64, 64)).astype(np.float32),
         "previous_weight": np.array([0.5], dtype=np.float32),
     }

@@ -1,7 +1,7 @@
 """Operating point of a trained model, chosen on validation sequences (never on the held-out ones).
 
 Two decisions are made here, after training and before shipping, from the network's logits on validation
-phantom sequences (seeds from :data:`guidance.training.VALIDATION_SEED_BASE`, offset past the few the
+phantom sequences (seeds from :data:`guidance.phantoms.VALIDATION_SEED_BASE`, offset past the few the
 training loop monitors, and disjoint from the held-out evaluation seeds):
 
 * **Instrument logit bias.** The exported graph subtracts ``bias`` from the instrument logit before the
@@ -83,8 +83,8 @@ from engines.models.unet import (
 from engines.preprocess import keep_main_region, keep_seeded_regions
 from engines.views import FUSE_WEIGHT
 from guidance.evaluation import GeometryReader, ModalityReport, _Accumulator, geometry_reader_factory
-from guidance.phantoms import PhantomFrame, make_phantom
-from guidance.training import VALIDATION_SEED_BASE, load_trained
+from guidance.phantoms import VALIDATION_SEED_BASE, PhantomFrame, make_phantom
+from guidance.training import load_trained
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ import numpy.typing as npt
 from engines.base import INSTRUMENT, TARGET, SegmentationEngine, SegmentationOutput
 from engines.models.preprocess import normalize
 from guidance.interpretation import Interpreter
-from guidance.phantoms import PhantomFrame, make_phantom, sample_config
+from guidance.phantoms import VALIDATION_SEED_BASE, PhantomFrame, make_phantom, sample_config
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class Scenario:
     for_card: bool = False
 
 
-#: ``heldout``: the acceptance set. ``low-dose-vessels``: a development set for one failure mode, with
+#: ``heldout``: the acceptance set. ``further-validation``: a fresh comparison of models selected on
+#: calibration's sequences. ``low-dose-vessels``: a development set for one failure mode, with
 #: seeds 501,700 + k: past the validation seeds the training loop (500,000 + 1000 * modality + k, k small)
 #: and calibration (+100 to +147) use, below the training range, and apart from the held-out ones.
 SCENARIOS: Mapping[str, Scenario] = {
@@ -126,6 +127,15 @@ SCENARIOS: Mapping[str, Scenario] = {
         "held-out phantom sequences (seeds never used in training)",
         HELDOUT_SEED_BASE,
         for_card=True,
+    ),
+    # Past calibration's validation sequences (+100 to +147): the same generator and seeds of the same
+    # validation range, never trained on, calibrated on or held out. A model selected on calibration's
+    # sequences (weights, soup, operating point) is flattered there; here it is compared afresh.
+    "further-validation": Scenario(
+        "further-validation",
+        "development set: 96 validation sequences past calibration's 48 (seeds +148 to +243), never "
+        "trained on, calibrated on or held out",
+        VALIDATION_SEED_BASE + 148,
     ),
     "low-dose-vessels": Scenario(
         "low-dose-vessels",
@@ -753,6 +763,10 @@ def evaluate(
         "model_path": None if model is None else str(model),
         "model_engine": model_engine,
         "model_fed_previous_frame": previous is not None,
+        # frames run through the engine, unscored, before each scored frame after a sequence's first
+        "model_fed_predecessors": 0
+        if previous is None
+        else max((len(b) for seqs in previous.values() for seq in seqs for b in seq), default=0),
         "model": {
             m: r.to_dict()
             for m, r in evaluate_engine(make_model, data, reader_factory, kinds, previous).items()

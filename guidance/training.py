@@ -66,15 +66,13 @@ from engines.models.unet import (
     export_model_asset,
     sha256_file,
 )
-from guidance.phantoms import PhantomFrame, make_phantom
+from guidance.phantoms import VALIDATION_SEED_BASE, PhantomFrame, make_phantom
 from guidance.phantoms.ultrasound import TARGET_CONTRAST
 
 logger = logging.getLogger(__name__)
 
 #: Sequence seeds used for training are drawn from this half-open range.
 TRAIN_SEED_RANGE = (1_000_000, 2_000_000_000)
-#: Fixed validation sequences (monitoring and checkpoint choice during training).
-VALIDATION_SEED_BASE = 500_000
 #: Frames per sequence a training sample is drawn from (about 20 s at 30 fps: several insertion cycles).
 FRAMES_PER_SEQUENCE = 600
 DEFAULT_MODEL_NAME = "guidance-unet"

@@ -15,7 +15,13 @@ from guidance.phantoms.ultrasound import UltrasoundConfig, UltrasoundPhantom
 #: The ultrasound sequence description (the name issue #4 uses); :class:`FluoroConfig` is its X-ray twin.
 PhantomConfig = UltrasoundConfig
 
+#: Fixed validation sequences: ``VALIDATION_SEED_BASE + 1000 * modality index + k`` (training's monitoring
+#: for small k, calibration's +100 to +147, the evaluation's ``further-validation`` set +148 to +243).
+#: Training draws its sequences far above (guidance.training.TRAIN_SEED_RANGE), the held-out set far below.
+VALIDATION_SEED_BASE = 500_000
+
 __all__ = [
+    "VALIDATION_SEED_BASE",
     "FluoroConfig",
     "FluoroPhantom",
     "Phantom",

@@ -386,3 +386,31 @@ def test_model_evaluation_command_defaults_are_the_acceptance_set() -> None:
     assert (
         (command.ACCEPTANCE_SEQUENCES, command.ACCEPTANCE_FRAMES) == (cfg.sequences, cfg.frames) == (192, 30)
     )
+
+
+def test_model_evaluation_further_validation_scenario_follows_calibrations_sequences() -> None:
+    """The ``further-validation`` set continues the validation seeds just past the 48 calibration uses,
+    and meets neither the held-out set nor the low-dose-vessels set; its figures never go into a card."""
+    from guidance import calibration
+    from guidance.phantoms import VALIDATION_SEED_BASE
+
+    sc = evaluation.SCENARIOS["further-validation"]
+    assert not sc.for_card
+    for mi in (0, 1):
+        seeds = evaluation.heldout_seeds(evaluation.EvalConfig(sequences=96, scenario=sc.name), mi)
+        cal = calibration.validation_seeds(calibration.CalibrationConfig(), mi)
+        assert seeds[0] == cal[-1] + 1 == VALIDATION_SEED_BASE + 1000 * mi + 148
+        assert len(set(seeds)) == 96
+        heldout = evaluation.heldout_seeds(evaluation.EvalConfig(), mi)
+        assert not set(seeds) & set(heldout)
+    low_dose = evaluation.heldout_seeds(
+        evaluation.EvalConfig(modalities=("fluoro",), scenario="low-dose-vessels"), 0
+    )
+    fluoro = evaluation.heldout_seeds(evaluation.EvalConfig(sequences=96, scenario=sc.name), 1)
+    assert not set(fluoro) & set(low_dose)
+
+
+def test_model_evaluate_command_offers_every_scenario() -> None:
+    from guidance.commands import evaluate as evaluate_command
+
+    assert set(evaluate_command.SCENARIO_NAMES) == set(evaluation.SCENARIOS)

@@ -172,3 +172,17 @@ def test_eng_card_with_an_unknown_test_time_mirror_is_refused(
     data["test_time"] = {"mirror": "horizontal"}
     card_path.write_text(json.dumps(data))
     assert load_model_card(card_path).mirror is True
+
+
+def test_eng_every_shipped_candidate_card_loads_and_matches_its_onnx() -> None:
+    """The candidates the README offers (``--model assets/models/candidates/NAME/...``) load, their ONNX
+    files match their cards' sha256, and each carries held-out figures."""
+    root = Path(__file__).resolve().parents[2] / "assets" / "models" / "candidates"
+    cards = sorted(root.glob("*/guidance-unet.json"))
+    assert len(cards) >= 1
+    for card_path in cards:
+        card = load_model_card(card_path)  # verifies the sha256
+        assert card.onnx_path.is_file()
+        assert json.loads(card_path.read_text()).get("evaluation"), f"{card_path} has no evaluation"
+    alternate = load_model_card(root / "s45-alternate" / "guidance-unet.json")
+    assert alternate.alternate

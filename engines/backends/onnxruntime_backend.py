@@ -18,9 +18,9 @@ Tuning (measured on the 2-core development VM, random-init default U-Net at 256x
   and Softmax(+Gather) nodes are appended at load time (:func:`add_label_outputs`); only ``labels`` and
   ``instrument_prob`` are bound, so the logits never leave the session.
 * Alternating-view models (card ``test_time.mirror`` = ``"alternate"``, :mod:`engines.views`): the view
-  flag and the weight are one-element bound buffers rewritten in place per frame; the target log-odds live in
-  two bound buffers that swap roles (this frame's output, the next frame's input) by rebinding, so the
-  state is never copied.
+  flag and the weight are one-element bound buffers rewritten in place per frame; the target log-odds
+  live in two bound buffers that swap roles (this frame's output, the next frame's input) by rebinding,
+  so the state is never copied.
 """
 
 from __future__ import annotations

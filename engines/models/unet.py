@@ -321,10 +321,9 @@ class AlternatingMirror(nn.Module):
     The graph takes the frame, whether this frame's view is mirrored (``view_mirrored``: 1 or 0), the
     previous frame's target log-odds and the weight they get (``previous_weight``: 0.5, or 0 on a
     stream's first frame). It runs the network once on the frame in that view, puts the logits back in
-    the frame's orientation, and
-    replaces the target log-odds (target logit minus background logit) with the weighted mean of this
-    frame's and the previous frame's. It outputs those fused logits, and this frame's own target log-odds
-    for the next frame. The instrument logits are this frame's only: the needle moves on every frame and
+    the frame's orientation, and replaces the target log-odds (target logit minus background logit) with
+    the weighted mean of this frame's and the previous frame's. It outputs those fused logits, and this
+    frame's own target log-odds for the next frame. The instrument logits are this frame's only: the needle moves on every frame and
     its tip must not lag, while a target moves little between two frames (validation: true target masks
     of consecutive frames overlap with IoU median 1.0, 5th percentile 0.93). Averaging two views of two
     frames bought the target what averaging two views of one frame buys (:class:`MirrorEnsemble`) at

@@ -1,0 +1,105 @@
+"""Tip steadiness: how much the reported needle tip moves from one frame to the next beyond the true tip.
+
+The held-out evaluation scores frames 8 apart; a clinician sees every frame. This runs each model over
+consecutive frames of phantom sequences (frames 60-119, at the phantom's own rate), through the same
+interpretation the app uses (tip filter included), and reports, per modality and model:
+
+* the tip error (mm, median / p95) against the true tip;
+* the jitter: the frame-to-frame change of that error vector (mm, median / p95). A steady estimate that
+  follows the needle has a small jitter even while the needle moves; a flickering one has a large one.
+
+Models run side by side in one process on the same frames (ONNX Runtime, CPU). Default sequences: the
+evaluation's ``further-validation`` set (never trained on, calibrated on or held out).
+
+    .venv/bin/python benchmarks/bench_tip_steadiness.py CARD [CARD ...] [--sequences 24] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.backends.onnxruntime_backend import OnnxRuntimeEngine
+from guidance.evaluation import EvalConfig, geometry_reader_factory, heldout_seeds
+from guidance.phantoms import make_phantom
+
+FIRST_FRAME, FRAMES = 60, 60
+
+
+def steadiness(card: Path, modality: str, seeds: list[int]) -> dict[str, Any]:
+    """Tip error and jitter of ``card``'s model over consecutive frames of the sequences ``seeds``."""
+    engine = OnnxRuntimeEngine(card, device="cpu")
+    engine.load()
+    engine.warm_up()
+    errors: list[float] = []
+    jitter: list[float] = []
+    try:
+        for seed in seeds:
+            phantom = make_phantom(modality, seed=seed, width=256, height=256)
+            engine.reset()
+            read = geometry_reader_factory()[0]()
+            last: np.ndarray | None = None
+            for t in range(FIRST_FRAME, FIRST_FRAME + FRAMES):
+                frame = phantom.frame(t)
+                geo = read(engine.infer(frame.image), frame.spacing_mm, frame.time_s)
+                if geo.tip_px is None or frame.tip_px is None:
+                    last = None
+                    continue
+                err = np.subtract(geo.tip_px, frame.tip_px) * np.asarray(frame.spacing_mm)
+                errors.append(float(np.hypot(*err)))
+                if last is not None:
+                    jitter.append(float(np.hypot(*(err - last))))
+                last = err
+    finally:
+        engine.close()
+
+    def q(values: list[float], p: float) -> float | None:
+        return float(np.percentile(values, p)) if values else None
+
+    return {
+        "tip_error_mm_median": q(errors, 50),
+        "tip_error_mm_p95": q(errors, 95),
+        "jitter_mm_median": q(jitter, 50),
+        "jitter_mm_p95": q(jitter, 95),
+        "frame_pairs": len(jitter),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("cards", type=Path, nargs="+", help="model cards to compare")
+    parser.add_argument("--sequences", type=int, default=24, help="sequences per modality (default 24)")
+    parser.add_argument("--modality", choices=("us", "fluoro", "both"), default="both")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    modalities = ("us", "fluoro") if args.modality == "both" else (args.modality,)
+    cfg = EvalConfig(sequences=args.sequences, scenario="further-validation")
+    results: dict[str, dict[str, Any]] = {}
+    for mi, modality in enumerate(("us", "fluoro")):
+        if modality not in modalities:
+            continue
+        seeds = heldout_seeds(cfg, mi)
+        results[modality] = {str(card): steadiness(card, modality, seeds) for card in args.cards}
+    for modality, per_card in results.items():
+        for card, r in per_card.items():
+            sys.stdout.write(
+                f"{modality:7s} {card}: tip error {r['tip_error_mm_median']:.3f} / {r['tip_error_mm_p95']:.3f} mm, "
+                f"jitter {r['jitter_mm_median']:.3f} / {r['jitter_mm_p95']:.3f} mm (median / p95, "
+                f"{r['frame_pairs']} frame pairs)\n"
+            )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"sequences": args.sequences, "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

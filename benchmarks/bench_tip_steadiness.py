@@ -89,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seeds = heldout_seeds(cfg, mi)
         results[modality] = {str(card): steadiness(card, modality, seeds) for card in args.cards}
+
+    def mm(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for modality, per_card in results.items():
         for card, r in per_card.items():
             sys.stdout.write(
-                f"{modality:7s} {card}: tip error {r['tip_error_mm_median']:.3f} / {r['tip_error_mm_p95']:.3f} mm, "
-                f"jitter {r['jitter_mm_median']:.3f} / {r['jitter_mm_p95']:.3f} mm (median / p95, "
-                f"{r['frame_pairs']} frame pairs)\n"
+                f"{modality:7s} {card}: tip error {mm(r['tip_error_mm_median'])} / {mm(r['tip_error_mm_p95'])} "
+                f"mm, jitter {mm(r['jitter_mm_median'])} / {mm(r['jitter_mm_p95'])} mm (median / p95, "
+                f"{r['frame_pairs']} frame pairs; n/a: no tip found)\n"
             )
     if args.json is not None:
         args.json.write_text(json.dumps({"sequences": args.sequences, "results": results}, indent=1) + "\n")

@@ -1,0 +1,41 @@
+"""``benchmarks/bench_tip_steadiness.py`` runs end to end on a tiny model (figures are not asserted: they
+are reported by the benchmark)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from engines.assets import make_random_model
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tip_steadiness.py"
+
+
+def test_model_tip_steadiness_bench_compares_models_on_consecutive_frames(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_tip_steadiness", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    plain = make_random_model(tmp_path / "a", 256, 256, tiny=True, seed=1, name="a")
+    alternate = make_random_model(tmp_path / "b", 256, 256, tiny=True, seed=1, name="b", alternate=True)
+    out = tmp_path / "steady.json"
+    assert (
+        bench.main([str(plain), str(alternate), "--sequences", "1", "--modality", "us", "--json", str(out)])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert set(report["results"]["us"]) == {str(plain), str(alternate)}
+    for r in report["results"]["us"].values():
+        assert set(r) == {
+            "tip_error_mm_median",
+            "tip_error_mm_p95",
+            "jitter_mm_median",
+            "jitter_mm_p95",
+            "frame_pairs",
+        }

@@ -374,15 +374,10 @@ class AlternatingMirror(nn.Module):
         return fused, own
 
 
-def alternating_inputs(
-    width: int, mirrored: bool, previous: torch.Tensor | None, height: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(view_mirrored, previous_target, previous_weight)`` for one frame of :class:`AlternatingMirror`
-    (batch 1; ``previous`` None: a stream's first frame, weight 0)."""
-    view = torch.full((1,), 1.0 if mirrored else 0.0)
-    if previous is None:
-        return view, torch.zeros((1, height or width, width), dtype=torch.float32), torch.zeros(1)
-    return view, previous, torch.full((1,), 0.5)
+def first_frame_state(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(view_mirrored, previous_target, previous_weight)`` of a stream's first frame for
+    :class:`AlternatingMirror` (batch 1): plain view, nothing to fuse with (weight 0)."""
+    return torch.zeros(1), torch.zeros((1, height, width), dtype=torch.float32), torch.zeros(1)
 
 
 #: What the model card's ``test_time`` block says when the graph alternates the mirrored view.
@@ -629,7 +624,7 @@ def export_onnx(
     input_names = [INPUT_NAME]
     if alternate:
         names.append(views.TARGET_LOG_ODDS)
-        inputs += alternating_inputs(width, False, None, height)
+        inputs += first_frame_state(height, width)
         input_names += list(views.STATE_INPUTS)
     try:
         # The TorchScript exporter (dynamo=False) is deprecated but needs no extra package (the dynamo

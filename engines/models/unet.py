@@ -260,7 +260,21 @@ class UNet(nn.Module):
         return logits, tip, self._presence_logit(f, deep)
 
 
-class MirrorEnsemble(nn.Module):
+class _ViewWrapper(nn.Module):
+    """A :class:`UNet` run in other views: ``config`` and ``presence`` are the wrapped network's, so callers
+    (calibration, export, the torch backend) treat the wrapper as the network it wraps."""
+
+    def __init__(self, model: UNet):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @property
+    def presence(self) -> nn.Module | None:
+        return self.model.presence
+
+
+class MirrorEnsemble(_ViewWrapper):
     """A network averaged with its left-right mirror: ``0.5 * (f(x) + flip(f(flip(x))))`` on the logits.
 
     Test-time mirroring, as nnU-Net does by default at inference. Both views run as one batch of two, so
@@ -288,15 +302,6 @@ class MirrorEnsemble(nn.Module):
     (calibration, export, the torch backend) treat it as the network it wraps.
     """
 
-    def __init__(self, model: UNet):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    @property
-    def presence(self) -> nn.Module | None:
-        return self.model.presence
-
     @staticmethod
     def _views(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, torch.flip(x, dims=[3])], dim=0)
@@ -315,7 +320,7 @@ class MirrorEnsemble(nn.Module):
         return self._merge(logits, n), None if presence is None else 0.5 * (presence[:n] + presence[n:])
 
 
-class AlternatingMirror(nn.Module):
+class AlternatingMirror(_ViewWrapper):
     """One network pass per frame, the view alternating between frames; the target fused over two frames.
 
     The graph takes the frame, whether this frame's view is mirrored (``view_mirrored``: 1 or 0), the
@@ -333,15 +338,6 @@ class AlternatingMirror(nn.Module):
     The engines keep the state (which view is next, the previous log-odds) and forget it on ``reset()``
     (:class:`engines.views.AlternatingViews`).
     """
-
-    def __init__(self, model: UNet):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    @property
-    def presence(self) -> nn.Module | None:
-        return self.model.presence
 
     def forward_with_presence(
         self,

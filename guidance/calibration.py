@@ -134,7 +134,7 @@ def alternating_views(index: int) -> tuple[bool, bool]:
 
     The same as an engine fed ``[t-2, t-1, t]`` before each scored frame after the first (which runs
     alone, plain): the scored frames then alternate between the plain and the mirrored view
-    (:func:`guidance.evaluation.heldout_previous_frames` feeds the evaluation that way).
+    (:func:`guidance.evaluation.heldout_predecessors` feeds the evaluation that way).
     """
     mirrored = index % 2 == 1
     return mirrored, not mirrored
@@ -462,8 +462,8 @@ def calibrate(
     if cfg.mirror or cfg.alternate:
         if not isinstance(model, UNet):
             raise CalibrationError(f"mirrored calibration needs a UNet, got {type(model).__name__}")
-        if temporal:
-            raise CalibrationError("mirrored views of a temporal model are not supported")
+        if cfg.alternate and temporal:
+            raise CalibrationError("alternating views of a temporal model are not supported")
         if cfg.mirror:
             model = MirrorEnsemble(model).eval()
     reader_factory, reader_desc = geometry_reader_factory()

@@ -9,7 +9,8 @@ tensors named here; :class:`AlternatingViews` keeps them, backend-agnostic, in p
 * ``previous_weight`` (1,) float32: 0.5, or 0 on a stream's first frame (nothing to fuse with);
 * ``previous_target`` (1, H, W) float32: the previous frame's ``target_log_odds`` output. The backends
   feed the output buffer of one frame as the input of the next (ONNX Runtime swaps two bound buffers,
-  TensorRT copies on the device, torch keeps the tensor), so this module never touches it.
+  TensorRT copies on the device, torch overwrites a device tensor in place), so this module never
+  touches it.
 
 A new stream (``reset()``), or a frame of another geometry, starts again with the plain view and weight 0:
 the previous log-odds belong to another picture.

@@ -34,9 +34,9 @@ Design:
 
 What could not run on the development machines (no GPU, TensorRT not installable there): the builder,
 runtime, CUDA-graph and progress-monitor code paths, the alternating-view state handling among them.
-Everything around them is tested on the CPU: cache
-keys and invalidation, precision choice, the golden-check decision with fake outputs, the FP16 conversion
-(checked with ONNX Runtime, for an alternating-view graph too), the background-build lifecycle with a fake build, and the probe messages.
+Everything around them is tested on the CPU: cache keys and invalidation, precision choice, the
+golden-check decision with fake outputs, the FP16 conversion (checked with ONNX Runtime, for an
+alternating-view graph too), the background-build lifecycle with a fake build, and the probe messages.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engines.base import CLASS_NAMES, TARGET, EngineError
+from engines.base import CLASS_NAMES, INSTRUMENT, TARGET, EngineError
 from engines.models.preprocess import SINGLE_FRAME_CHANNELS, TEMPORAL_CHANNELS
 from engines.preprocess import Normalization, PreprocessError
-from engines.views import ALTERNATE
+from engines.views import ALTERNATE, state_inputs, state_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,24 @@ class ModelCard:
     #: ``test_time.mirror`` ``"alternate"``): one pass per frame, three state inputs beside the image and
     #: one state output (:mod:`engines.views`). The engine keeps that state and forgets it on ``reset()``.
     alternate: bool = False
+    #: An alternating-view model that fuses the instrument too (card ``test_time.fused_classes`` holds
+    #: ``"instrument"``): the previous frame's share of its log-odds (card ``test_time.fuse_weights``;
+    #: 0: not fused). One more state input and output (:func:`engines.views.state_pairs`).
+    instrument_fuse_weight: float = 0.0
+
+    @property
+    def fuse_instrument(self) -> bool:
+        return self.alternate and self.instrument_fuse_weight > 0.0
+
+    @property
+    def state_inputs(self) -> tuple[str, ...]:
+        """The graph's inputs besides the image (alternating-view models), in declaration order."""
+        return state_inputs(self.fuse_instrument) if self.alternate else ()
+
+    @property
+    def state_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``(state input, output feeding it on the next frame)`` of an alternating-view model."""
+        return state_pairs(self.fuse_instrument) if self.alternate else ()
 
     @property
     def torch_weights_path(self) -> Path:
@@ -201,11 +219,9 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
                 f"model card {card_path}: test_time mirror {mirror_axis!r} is not supported "
                 f"(this build knows 'horizontal', both views in every frame, and {ALTERNATE!r})"
             )
-        if mirror_axis == ALTERNATE and tuple(test_time.get("fused_classes") or ()) != (CLASS_NAMES[TARGET],):
-            raise ModelAssetError(
-                f"model card {card_path}: test_time fused_classes {test_time.get('fused_classes')!r} is not "
-                f"supported (this build fuses ['{CLASS_NAMES[TARGET]}'] only)"
-            )
+        instrument_fuse_weight = (
+            _instrument_fuse_weight(card_path, test_time) if mirror_axis == ALTERNATE else 0.0
+        )
         return ModelCard(
             name=str(_req(data, "name", card_path)),
             version=str(data.get("version", "")),
@@ -227,11 +243,35 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             temporal=temporal,
             mirror=mirror_axis == "horizontal",
             alternate=mirror_axis == ALTERNATE,
+            instrument_fuse_weight=instrument_fuse_weight,
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelAssetError(f"model card {card_path} is malformed: {exc!r}") from exc
+
+
+def _instrument_fuse_weight(card_path: Path, test_time: Mapping[str, Any]) -> float:
+    """The previous frame's share of the instrument log-odds of an alternating-view card (0: only the
+    target is fused); refuse other sets of fused classes and an instrument weight outside (0, 1)."""
+    fused = tuple(test_time.get("fused_classes") or ())
+    target_only = (CLASS_NAMES[TARGET],)
+    both = (CLASS_NAMES[INSTRUMENT], CLASS_NAMES[TARGET])
+    if fused not in (target_only, both):
+        raise ModelAssetError(
+            f"model card {card_path}: test_time fused_classes {list(fused)!r} is not supported (this build "
+            f"fuses {list(target_only)!r} or {list(both)!r})"
+        )
+    if fused == target_only:
+        return 0.0
+    weights = test_time.get("fuse_weights")
+    weight = weights.get(CLASS_NAMES[INSTRUMENT]) if isinstance(weights, Mapping) else None
+    if not isinstance(weight, (int, float)) or not 0.0 < float(weight) < 1.0:
+        raise ModelAssetError(
+            f"model card {card_path}: test_time fuse_weights must give the fused instrument a weight above "
+            f"0 and below 1, got {weights!r}"
+        )
+    return float(weight)
 
 
 def card_path_for(path: Path) -> Path:
@@ -310,12 +350,13 @@ def make_random_model(
     name: str | None = None,
     include_argmax: bool = True,
     alternate: bool = False,
+    instrument_weight: float = 0.0,
 ) -> Path:
     """Write a randomly initialised network of the shipped family (ONNX + card + ``.pt`` state dict).
 
     Stands in for the trained model in tests and benchmarks until one is shipped. Needs torch and onnx
-    (the ``train`` extra). ``alternate``: exported with alternating views (:mod:`engines.views`). Returns
-    the card path.
+    (the ``train`` extra). ``alternate``: exported with alternating views (:mod:`engines.views`), the
+    instrument fused too at ``instrument_weight`` > 0. Returns the card path.
     """
     try:
         import torch
@@ -343,7 +384,14 @@ def make_random_model(
         limits=["random weights: outputs are meaningless"],
     )
     _, card_path = unet.export_model_asset(
-        model, directory, info, height=height, width=width, include_argmax=include_argmax, alternate=alternate
+        model,
+        directory,
+        info,
+        height=height,
+        width=width,
+        include_argmax=include_argmax,
+        alternate=alternate,
+        instrument_weight=instrument_weight,
     )
     torch.save(model.state_dict(), card_path.with_suffix(".pt"))
     return card_path

@@ -7,10 +7,15 @@ tensors named here; :class:`AlternatingViews` keeps them, backend-agnostic, in p
 
 * ``view_mirrored`` (1,) float32: 1 when this frame runs mirrored, else 0;
 * ``previous_weight`` (1,) float32: 0.5, or 0 on a stream's first frame (nothing to fuse with);
-* ``previous_target`` (1, H, W) float32: the previous frame's ``target_log_odds`` output. The backends
-  feed the output buffer of one frame as the input of the next (ONNX Runtime swaps two bound buffers,
-  TensorRT copies on the device, torch overwrites a device tensor in place), so this module never
-  touches it.
+* ``previous_target`` (1, H, W) float32: the previous frame's ``target_log_odds`` output;
+* ``previous_instrument`` (1, H, W) float32, only where the card fuses the instrument too (card
+  ``test_time.fused_classes`` holds ``"instrument"``): the previous frame's ``instrument_log_odds``,
+  which the graph weighs less than the target's (card ``test_time.fuse_weights``), since the needle
+  moves on every frame.
+
+The backends feed each state output buffer of one frame as the matching input of the next
+(:func:`state_pairs`; ONNX Runtime swaps two bound buffers, TensorRT copies on the device, torch
+overwrites a device tensor in place), so this module never touches those.
 
 A new stream (``reset()``), or a frame of another geometry, starts again with the plain view and weight 0:
 the previous log-odds belong to another picture.
@@ -27,12 +32,26 @@ VIEW_MIRRORED = "view_mirrored"
 PREVIOUS_TARGET = "previous_target"
 PREVIOUS_WEIGHT = "previous_weight"
 TARGET_LOG_ODDS = "target_log_odds"
-#: The graph's inputs besides the image, in the order the export declares them.
+PREVIOUS_INSTRUMENT = "previous_instrument"
+INSTRUMENT_LOG_ODDS = "instrument_log_odds"
+#: The graph's inputs besides the image, in the order the export declares them (a graph that fuses the
+#: instrument too has ``previous_instrument`` after these: :func:`state_inputs`).
 STATE_INPUTS = (VIEW_MIRRORED, PREVIOUS_TARGET, PREVIOUS_WEIGHT)
 #: Card ``test_time.mirror`` value of such a model.
 ALTERNATE = "alternate"
 #: Weight of the previous frame's target log-odds when there is one (a plain mean of the two views).
 FUSE_WEIGHT = 0.5
+
+
+def state_inputs(fuse_instrument: bool) -> tuple[str, ...]:
+    """The graph's inputs besides the image, in declaration order."""
+    return (*STATE_INPUTS, PREVIOUS_INSTRUMENT) if fuse_instrument else STATE_INPUTS
+
+
+def state_pairs(fuse_instrument: bool) -> tuple[tuple[str, str], ...]:
+    """``(state input, the output that feeds it on the next frame)`` pairs, in declaration order."""
+    pairs = ((PREVIOUS_TARGET, TARGET_LOG_ODDS),)
+    return (*pairs, (PREVIOUS_INSTRUMENT, INSTRUMENT_LOG_ODDS)) if fuse_instrument else pairs
 
 
 class AlternatingViews:

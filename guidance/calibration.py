@@ -48,7 +48,8 @@ training loop monitors, and disjoint from the held-out evaluation seeds):
   :class:`engines.models.unet.AlternatingMirror`: each scored frame's target log-odds are fused with its
   predecessor's, seen in the other view, as an engine fuses them on a live stream. Every other scored
   frame of a sequence is the mirrored one (:func:`alternating_views`), so both views are scored, as the
-  evaluation does.
+  evaluation does. With ``fuse_instrument`` (``--fuse-instrument W``) the instrument log-odds are fused
+  too, the predecessor's weighted ``W``.
 
 :func:`apply_calibration` re-exports the ONNX with the chosen bias and writes the card with both, plus
 the sweep itself under ``calibration``. Torch (the ``train`` extra) is needed: the sweep runs the network
@@ -127,6 +128,9 @@ class CalibrationConfig:
     # One view per frame, alternating, the target log-odds fused with the predecessor's (other view);
     # the operating point is chosen for, and exported with, that graph.
     alternate: bool = False
+    # With alternate: the predecessor's share of the fused instrument log-odds (0: the instrument is the
+    # frame's own view's only).
+    fuse_instrument: float = 0.0
 
 
 def alternating_views(index: int) -> tuple[bool, bool]:
@@ -141,16 +145,21 @@ def alternating_views(index: int) -> tuple[bool, bool]:
 
 
 def fuse_alternating(
-    current: npt.NDArray[np.float32], previous: npt.NDArray[np.float32] | None
+    current: npt.NDArray[np.float32],
+    previous: npt.NDArray[np.float32] | None,
+    instrument_weight: float = 0.0,
 ) -> npt.NDArray[np.float32]:
     """``(classes, H, W)`` logits of a frame with its target log-odds averaged with ``previous``'s (the
-    predecessor's logits in the frame's orientation; None: nothing to fuse), as the exported
+    predecessor's logits in the frame's orientation; None: nothing to fuse), and its instrument log-odds
+    fused with the predecessor's at ``instrument_weight``, as the exported
     :class:`engines.models.unet.AlternatingMirror` graph computes them."""
     if previous is None:
         return current
     out = current.copy()
-    own = current[TARGET] - current[0]
-    out[TARGET] = current[0] + own + np.float32(FUSE_WEIGHT) * ((previous[TARGET] - previous[0]) - own)
+    for k, weight in ((TARGET, FUSE_WEIGHT), (INSTRUMENT, instrument_weight)):
+        if weight > 0.0:
+            own = current[k] - current[0]
+            out[k] = current[0] + own + np.float32(weight) * ((previous[k] - previous[0]) - own)
     return out
 
 
@@ -163,16 +172,21 @@ def _alternating_outputs(
     frames: Sequence[PhantomFrame],
     size: int,
     previous: Sequence[PhantomFrame | None],
+    instrument_weight: float = 0.0,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
     """:func:`_outputs` of an alternating-view model: frame ``i`` in the view :func:`alternating_views`
-    gives it, its target fused with ``previous[i]``'s in the other view (the first frame alone, plain).
-    The instrument-presence score, if any, is the frame's own view's."""
+    gives it, its target (and at ``instrument_weight`` its instrument) fused with ``previous[i]``'s in the
+    other view (the first frame alone, plain). The instrument-presence score, if any, is the frame's own
+    view's."""
     views = [alternating_views(i) for i in range(len(frames))]
     cur, cur_present = _outputs(model, frames, size, flips=[v[0] for v in views])
     preds = [p if p is not None else frames[i] for i, p in enumerate(previous)]
     prev, _ = _outputs(model, preds, size, flips=[v[1] for v in views])
     fused = np.stack(
-        [fuse_alternating(cur[i], prev[i] if previous[i] is not None else None) for i in range(len(frames))]
+        [
+            fuse_alternating(cur[i], prev[i] if previous[i] is not None else None, instrument_weight)
+            for i in range(len(frames))
+        ]
     )
     return fused, cur_present
 
@@ -459,9 +473,15 @@ def calibrate(
         raise CalibrationError(
             "mirror (both views in every frame) and alternate (one per frame) exclude each other"
         )
+    if cfg.fuse_instrument and not cfg.alternate:
+        raise CalibrationError("fusing the instrument is a setting of alternating views (alternate)")
     if cfg.mirror or cfg.alternate:
         if not isinstance(model, UNet):
             raise CalibrationError(f"mirrored calibration needs a UNet, got {type(model).__name__}")
+        if not 0.0 <= cfg.fuse_instrument < 1.0:
+            raise CalibrationError(
+                f"the instrument fusion weight must be in [0, 1), got {cfg.fuse_instrument}"
+            )
         if cfg.alternate and temporal:
             raise CalibrationError("alternating views of a temporal model are not supported")
         if cfg.mirror:
@@ -485,7 +505,7 @@ def calibrate(
             )
         data[m] = seqs
         outs = [
-            _alternating_outputs(model, s, cfg.size, p)
+            _alternating_outputs(model, s, cfg.size, p, cfg.fuse_instrument)
             if cfg.alternate
             else _outputs(model, s, cfg.size, p if temporal else None)
             for s, p in zip(seqs, prevs, strict=True)
@@ -593,6 +613,7 @@ def calibrate(
         "single_region_target": {"enabled": use_single, **single},
         "mirror": cfg.mirror,
         "alternate": cfg.alternate,
+        "fuse_instrument": cfg.fuse_instrument,
         **(
             {"reference": {**reference, "met": no_worse_than(chosen, reference, cfg.modalities)}}
             if reference is not None
@@ -670,6 +691,7 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
         presence_threshold=presence_threshold,
         mirror=bool(report.get("mirror", False)),
         alternate=bool(report.get("alternate", False)),
+        instrument_weight=float(report.get("fuse_instrument", 0.0) or 0.0),
     )
     if weights.resolve() != (out_dir / f"{name}.pt").resolve():
         shutil.copyfile(weights, out_dir / f"{name}.pt")

@@ -45,14 +45,7 @@ from engines.base import (
 )
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
-from engines.views import (
-    PREVIOUS_TARGET,
-    PREVIOUS_WEIGHT,
-    STATE_INPUTS,
-    TARGET_LOG_ODDS,
-    VIEW_MIRRORED,
-    AlternatingViews,
-)
+from engines.views import PREVIOUS_WEIGHT, VIEW_MIRRORED, AlternatingViews
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +198,8 @@ class OnnxRuntimeEngine:
         self._device_label = "cpu"
         # alternating-view models (card test_time.mirror "alternate"): see _bind_views
         self._views: AlternatingViews | None = None
-        self._targets: tuple[npt.NDArray[np.float32], ...] = ()
-        self._target_values: tuple[Any, ...] = ()
+        #: per state pair (engines.views.state_pairs): (input name, output name, its two buffers' OrtValues)
+        self._state: list[tuple[str, str, tuple[Any, Any]]] = []
         self._current = 0
 
     def load(self) -> None:
@@ -250,7 +243,7 @@ class OnnxRuntimeEngine:
             "cuda:0" if used and used[0] == "CUDAExecutionProvider" else f"cpu ({threads} threads)"
         )
         inputs = session.get_inputs()
-        want = [card.input_name or inputs[0].name, *(STATE_INPUTS if card.alternate else ())]
+        want = [card.input_name or inputs[0].name, *card.state_inputs]
         if len(inputs) != len(want) or [i.name for i in inputs[1:]] != want[1:]:
             raise EngineError(
                 f"model {card.name} has inputs {[i.name for i in inputs]}; its card asks for {len(want)}"
@@ -292,31 +285,40 @@ class OnnxRuntimeEngine:
             self._keep.append(present_val)
         self._views = None
         if card.alternate:
-            self._bind_views(ort, binding, (h, w))
+            self._bind_views(ort, binding, card.state_pairs, (h, w))
         self._session, self._binding, self._card, self._pre = session, binding, card, pre
         logger.info(
             "onnxruntime %s loaded %s on %s (spinning %s)", ort.__version__, card.label, used, self._spinning
         )
 
-    def _bind_views(self, ort: Any, binding: Any, hw: tuple[int, int]) -> None:
+    def _bind_views(
+        self, ort: Any, binding: Any, pairs: tuple[tuple[str, str], ...], hw: tuple[int, int]
+    ) -> None:
         """Bind the state of an alternating-view model (:mod:`engines.views`): the view flag and the
-        weight are rewritten in place per frame; the target log-odds live in two buffers whose roles
-        (this frame's output, next frame's input) swap after every frame, so nothing is copied."""
+        weight are rewritten in place per frame; each fused class's log-odds live in two buffers whose
+        roles (this frame's output, next frame's input) swap after every frame, so nothing is copied."""
         views = AlternatingViews()
-        targets = (np.zeros((1, *hw), dtype=np.float32), np.zeros((1, *hw), dtype=np.float32))
-        values = tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in targets)
         mirror_val = ort.OrtValue.ortvalue_from_numpy(views.mirror)
         weight_val = ort.OrtValue.ortvalue_from_numpy(views.weight)
         binding.bind_ortvalue_input(VIEW_MIRRORED, mirror_val)
         binding.bind_ortvalue_input(PREVIOUS_WEIGHT, weight_val)
-        self._keep += [mirror_val, weight_val, *values]
-        self._views, self._targets, self._target_values, self._current = views, targets, values, 0
-        self._bind_targets(binding)
+        self._keep += [mirror_val, weight_val]
+        self._state = []
+        for input_name, output_name in pairs:
+            buffers = tuple(
+                ort.OrtValue.ortvalue_from_numpy(np.zeros((1, *hw), dtype=np.float32)) for _ in range(2)
+            )
+            self._keep += buffers
+            self._state.append((input_name, output_name, (buffers[0], buffers[1])))
+        self._views, self._current = views, 0
+        self._bind_state(binding)
 
-    def _bind_targets(self, binding: Any) -> None:
-        """This frame reads buffer ``_current`` as the previous log-odds and writes the other."""
-        binding.bind_ortvalue_input(PREVIOUS_TARGET, self._target_values[self._current])
-        binding.bind_ortvalue_output(TARGET_LOG_ODDS, self._target_values[1 - self._current])
+    def _bind_state(self, binding: Any) -> None:
+        """This frame reads buffer ``_current`` of each pair as the previous log-odds and writes the
+        other."""
+        for input_name, output_name, buffers in self._state:
+            binding.bind_ortvalue_input(input_name, buffers[self._current])
+            binding.bind_ortvalue_output(output_name, buffers[1 - self._current])
 
     def warm_up(self) -> None:
         card = self._require()[0]
@@ -356,7 +358,7 @@ class OnnxRuntimeEngine:
             labels, prob = self.run_tensor()
             views.end()
             self._current ^= 1  # this frame's log-odds are the next frame's previous ones
-            self._bind_targets(self._binding)
+            self._bind_state(self._binding)
         return SegmentationOutput(
             labels=pre.restore_labels(labels[0], prob[0]),
             instrument_prob=pre.restore_prob(prob[0]),

@@ -69,9 +69,10 @@ from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
 from engines.trt_cache import EngineCache, EngineKey, load_or_invalidate
 from engines.views import (
+    INSTRUMENT_LOG_ODDS,
+    PREVIOUS_INSTRUMENT,
     PREVIOUS_TARGET,
     PREVIOUS_WEIGHT,
-    STATE_INPUTS,
     TARGET_LOG_ODDS,
     VIEW_MIRRORED,
     AlternatingViews,
@@ -157,14 +158,15 @@ def model_for_precision(card: ModelCard, precision: str) -> bytes:
     # Expose only labels + probability (+ the presence score of a model with that head): logits stay
     # inside the engine.
     # An alternating-view model also keeps its state output (engines.views), fed back on the device.
-    wanted = (f"{LABELS}_int32", LABELS, PROB, PRESENCE, TARGET_LOG_ODDS)
+    wanted = (f"{LABELS}_int32", LABELS, PROB, PRESENCE, TARGET_LOG_ODDS, INSTRUMENT_LOG_ODDS)
     keep = [o for o in model.graph.output if o.name in wanted]
     if any(o.name == f"{LABELS}_int32" for o in keep):
         keep = [o for o in keep if o.name != LABELS]
     del model.graph.output[:]
     model.graph.output.extend(keep)
     if precision == "fp16":
-        state = [i.name for i in model.graph.input if i.name in (PREVIOUS_TARGET, PREVIOUS_WEIGHT)]
+        fused = (PREVIOUS_TARGET, PREVIOUS_INSTRUMENT, PREVIOUS_WEIGHT)
+        state = [i.name for i in model.graph.input if i.name in fused]
         model = convert_to_fp16(model, head_from=logits, fp32_from=state)
     elif precision != "fp32":
         raise EngineError(f"unknown TensorRT precision {precision!r}")
@@ -579,7 +581,7 @@ class _TrtRunner:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         h, w = card.input_hw
-        state = set(STATE_INPUTS) if card.alternate else set()
+        state = set(card.state_inputs)
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
@@ -606,11 +608,14 @@ class _TrtRunner:
             raise EngineError(f"engine has inputs {self.inputs}; expected the image and {sorted(state)}")
         self.inputs.sort(key=lambda n: n in state)  # the image first
         #: Alternating-view state: view flag and weight are pinned host inputs copied with the frame;
-        #: the previous target log-odds stay on the device (copied from the output after each run).
+        #: the previous log-odds of each fused class stay on the device (copied from the matching output
+        #: after each run, engines.views.state_pairs).
         self.views: AlternatingViews | None = None
+        self.state_pairs = card.state_pairs
         if card.alternate:
-            if TARGET_LOG_ODDS not in self.outputs:
-                raise EngineError(f"engine outputs {self.outputs} lack {TARGET_LOG_ODDS}")
+            missing = [out for _, out in self.state_pairs if out not in self.outputs]
+            if missing:
+                raise EngineError(f"engine outputs {self.outputs} lack {missing}")
             self.views = AlternatingViews(
                 mirror=self.host[VIEW_MIRRORED].reshape(-1), weight=self.host[PREVIOUS_WEIGHT].reshape(-1)
             )
@@ -637,8 +642,9 @@ class _TrtRunner:
         rt = self._rt
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        resident = {name for name, _ in self.state_pairs}
         for name in self.inputs:
-            if name == PREVIOUS_TARGET:  # device-resident state
+            if name in resident:  # device-resident state
                 continue
             arr = self.host[name]
             _check(
@@ -647,17 +653,17 @@ class _TrtRunner:
             )
         if not self.context.execute_async_v3(int(self.stream)):
             raise EngineError("TensorRT execute_async_v3 failed")
-        if self.views is not None:  # this frame's target log-odds become the next frame's previous ones
-            d2d = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-            size = self.host[TARGET_LOG_ODDS].nbytes
+        # This frame's log-odds become the next frame's previous ones.
+        d2d = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for previous, own in self.state_pairs:
+            size = self.host[own].nbytes
             _check(
-                rt.cudaMemcpyAsync(
-                    self.device[PREVIOUS_TARGET], self.device[TARGET_LOG_ODDS], size, d2d, self.stream
-                ),
+                rt.cudaMemcpyAsync(self.device[previous], self.device[own], size, d2d, self.stream),
                 "D2D copy",
             )
+        state_outputs = {own for _, own in self.state_pairs}
         for name in self.outputs:
-            if name == TARGET_LOG_ODDS:
+            if name in state_outputs:
                 continue
             arr = self.host[name]
             _check(

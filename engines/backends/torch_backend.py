@@ -102,7 +102,7 @@ def build_torch_model(card: ModelCard) -> Any:
     if card.mirror:  # as the card's ONNX graph does: average with the mirrored view
         return unet.MirrorEnsemble(model).eval()
     if card.alternate:  # as the card's ONNX graph does: one view per frame, the target fused over two
-        return unet.AlternatingMirror(model).eval()
+        return unet.AlternatingMirror(model, card.instrument_fuse_weight).eval()
     return model
 
 
@@ -152,7 +152,8 @@ class TorchEngine:
         self._presence_threshold = 0.0
         # alternating-view models: host state (engines.views) and its device copies, see _setup_views
         self._views: AlternatingViews | None = None
-        self._view_state: tuple[Any, Any, Any] | None = None  # (mirrored, previous log-odds, weight)
+        #: (mirrored, weight, previous log-odds per fused class in engines.views.state_pairs order)
+        self._view_state: tuple[Any, Any, tuple[Any, ...]] | None = None
         self._host_views: tuple[Any, Any] | None = None  # pinned (mirrored, weight) on CUDA
 
     # ------------------------------------------------------------------ lifecycle
@@ -218,7 +219,7 @@ class TorchEngine:
             )
             self._label = f"cpu ({torch.get_num_threads()} threads)"
         if card.alternate:
-            self._setup_views(torch, (h, w))
+            self._setup_views(torch, (h, w), len(card.state_pairs))
         self._card = card
         logger.info(
             "torch %s loaded %s on %s (optimize=%s)",
@@ -228,10 +229,11 @@ class TorchEngine:
             self._optimize,
         )
 
-    def _setup_views(self, torch: Any, hw: tuple[int, int]) -> None:
+    def _setup_views(self, torch: Any, hw: tuple[int, int], fused: int) -> None:
         """State of an alternating-view model: view flag and weight written by
         :class:`engines.views.AlternatingViews` (into pinned memory on CUDA, copied to the device with the
-        frame), and the previous target log-odds, a device tensor the step overwrites in place."""
+        frame), and the previous log-odds of each fused class (engines.views.state_pairs), device tensors
+        the step overwrites in place."""
         dtype = torch.float16 if (self._cuda and self._optimize) else torch.float32
         if self._cuda:
             mirror_h = torch.zeros((1,), dtype=torch.float32).pin_memory()
@@ -243,7 +245,8 @@ class TorchEngine:
         else:
             self._views = AlternatingViews()
             mirror, weight = torch.from_numpy(self._views.mirror), torch.from_numpy(self._views.weight)
-        self._view_state = (mirror, torch.zeros((1, *hw), dtype=dtype, device=self._device), weight)
+        previous = tuple(torch.zeros((1, *hw), dtype=dtype, device=self._device) for _ in range(fused))
+        self._view_state = (mirror, weight, previous)
 
     def _step(self, x: Any) -> tuple[Any, Any, Any]:
         """``(labels, instrument prob, instrument_present or None)`` as the exported graph computes them."""
@@ -251,9 +254,12 @@ class TorchEngine:
 
         present = None
         if self._view_state is not None:
-            mirror, previous, weight = self._view_state
-            logits, own, presence = self._net.forward_with_presence(x, mirror, previous, weight)
-            previous.copy_(own)  # in place: the next frame's input, also inside a captured CUDA graph
+            mirror, weight, previous = self._view_state
+            logits, own, presence = self._net.forward_with_presence(
+                x, mirror, previous[0], weight, *previous[1:]
+            )
+            for state, new in zip(previous, own, strict=True):
+                state.copy_(new)  # in place: the next frame's input, also inside a captured CUDA graph
             logits = logits.float()
             if self._presence and presence is not None:
                 present = torch.sigmoid(presence.float())
@@ -326,7 +332,7 @@ class TorchEngine:
                     self._static_in.copy_(self._host_in, non_blocking=True)
                     if self._host_views is not None and self._view_state is not None:
                         self._view_state[0].copy_(self._host_views[0], non_blocking=True)
-                        self._view_state[2].copy_(self._host_views[1], non_blocking=True)
+                        self._view_state[1].copy_(self._host_views[1], non_blocking=True)
                     if self._graph is not None and self._static_out is not None:
                         self._graph.replay()
                         labels, prob, present = self._static_out

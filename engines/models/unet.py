@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from engines import views
-from engines.base import CLASS_NAMES, TARGET
+from engines.base import CLASS_NAMES, INSTRUMENT, TARGET
 from engines.models.preprocess import (
     NORMALIZATION_ID,
     PERCENTILE_HIGH,
@@ -328,16 +328,33 @@ class AlternatingMirror(_ViewWrapper):
     stream's first frame). It runs the network once on the frame in that view, puts the logits back in
     the frame's orientation, and replaces the target log-odds (target logit minus background logit) with
     the weighted mean of this frame's and the previous frame's. It outputs those fused logits, and this
-    frame's own target log-odds for the next frame. The instrument logits are this frame's only: the needle moves on every frame and
-    its tip must not lag, while a target moves little between two frames (validation: true target masks
-    of consecutive frames overlap with IoU median 1.0, 5th percentile 0.93). Averaging two views of two
-    frames bought the target what averaging two views of one frame buys (:class:`MirrorEnsemble`) at
-    one pass per frame: validation target Dice 0.882 -> 0.895 on 96 ultrasound sequences (runs file,
-    s45). Averaging two frames in the same view bought a tenth of that: the gain is the second view.
+    frame's own target log-odds for the next frame. A target moves little between two frames
+    (validation: true target masks of consecutive frames overlap with IoU median 1.0, 5th percentile
+    0.93). Averaging two views of two frames bought the target what averaging two views of one frame buys
+    (:class:`MirrorEnsemble`) at one pass per frame: validation target Dice 0.882 -> 0.895 on 96
+    ultrasound sequences (runs file, s45). Averaging two frames in the same view bought a tenth of that:
+    the gain is the second view.
+
+    The needle moves on every frame, so its tip must not lag. With ``instrument_weight`` 0 the instrument
+    logits are this frame's only; then every other frame's needle comes from the mirrored view alone,
+    and the tip shimmers (runs s45, s46: tip jitter p95 +29 % to +81 %). With ``instrument_weight`` > 0
+    the instrument log-odds are fused too, the previous frame getting that share (one more state input,
+    ``previous_instrument``, and output). A quarter steadied the tip back to the single view's jitter
+    without a visible lag; a half lagged a fast catheter by several pixels (runs file, s47).
 
     The engines keep the state (which view is next, the previous log-odds) and forget it on ``reset()``
     (:class:`engines.views.AlternatingViews`).
     """
+
+    def __init__(self, model: UNet, instrument_weight: float = 0.0) -> None:
+        super().__init__(model)
+        if not 0.0 <= instrument_weight < 1.0:
+            raise ValueError(f"instrument_weight must be in [0, 1), got {instrument_weight}")
+        self.instrument_weight = float(instrument_weight)
+
+    @property
+    def fuse_instrument(self) -> bool:
+        return self.instrument_weight > 0.0
 
     def forward_with_presence(
         self,
@@ -345,18 +362,38 @@ class AlternatingMirror(_ViewWrapper):
         view_mirrored: torch.Tensor,
         previous_target: torch.Tensor,
         previous_weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(fused logits (N, K, H, W), this frame's target log-odds (N, H, W), presence logit or None)``."""
+        previous_instrument: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """``(fused logits (N, K, H, W), this frame's state outputs, presence logit or None)``.
+
+        The state outputs are this frame's own log-odds (N, H, W) in :func:`engines.views.state_pairs`
+        order: the target's, then the instrument's where it is fused."""
+        if self.fuse_instrument != (previous_instrument is not None):
+            raise ValueError("previous_instrument is needed exactly when the instrument is fused")
         # Both orientations and a select, not a Gather with a column order: Slice(step -1) + Where cost
         # ONNX Runtime a fraction of the 1.1 ms per frame its Gather along the last axis took (profiled).
         mirrored = (view_mirrored > 0.5).view(-1, 1, 1, 1)
         logits, presence = self.model.forward_with_presence(torch.where(mirrored, torch.flip(x, dims=[3]), x))
         logits = torch.where(mirrored, torch.flip(logits, dims=[3]), logits)
         background = logits[:, 0]
-        own = logits[:, TARGET] - background
-        fused = own + previous_weight.view(-1, 1, 1) * (previous_target - own)
-        parts = [logits[:, :TARGET], (background + fused).unsqueeze(1), logits[:, TARGET + 1 :]]
-        return torch.cat(parts, dim=1), own, presence
+        weight = previous_weight.view(-1, 1, 1)
+        own_target = logits[:, TARGET] - background
+        target = own_target + weight * (previous_target - own_target)
+        if previous_instrument is None:
+            parts = [logits[:, :TARGET], (background + target).unsqueeze(1), logits[:, TARGET + 1 :]]
+            return torch.cat(parts, dim=1), (own_target,), presence
+        assert INSTRUMENT + 1 == TARGET
+        own_instrument = logits[:, INSTRUMENT] - background
+        # previous_weight is 0.5 (or 0): the instrument's share is that scaled to instrument_weight.
+        scale = self.instrument_weight / views.FUSE_WEIGHT
+        instrument = own_instrument + (scale * weight) * (previous_instrument - own_instrument)
+        parts = [
+            logits[:, :INSTRUMENT],
+            (background + instrument).unsqueeze(1),
+            (background + target).unsqueeze(1),
+            logits[:, TARGET + 1 :],
+        ]
+        return torch.cat(parts, dim=1), (own_target, own_instrument), presence
 
     def forward(
         self,
@@ -364,16 +401,21 @@ class AlternatingMirror(_ViewWrapper):
         view_mirrored: torch.Tensor,
         previous_target: torch.Tensor,
         previous_weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fused logits, this frame's target log-odds)``."""
-        fused, own, _ = self.forward_with_presence(x, view_mirrored, previous_target, previous_weight)
-        return fused, own
+        previous_instrument: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """``(fused logits, *this frame's state outputs)``."""
+        fused, own, _ = self.forward_with_presence(
+            x, view_mirrored, previous_target, previous_weight, previous_instrument
+        )
+        return (fused, *own)
 
 
-def first_frame_state(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(view_mirrored, previous_target, previous_weight)`` of a stream's first frame for
+def first_frame_state(height: int, width: int, fuse_instrument: bool = False) -> tuple[torch.Tensor, ...]:
+    """The state inputs (:func:`engines.views.state_inputs` order) of a stream's first frame for
     :class:`AlternatingMirror` (batch 1): plain view, nothing to fuse with (weight 0)."""
-    return torch.zeros(1), torch.zeros((1, height, width), dtype=torch.float32), torch.zeros(1)
+    zeros = torch.zeros((1, height, width), dtype=torch.float32)
+    base = (torch.zeros(1), zeros, torch.zeros(1))
+    return (*base, zeros.clone()) if fuse_instrument else base
 
 
 #: What the model card's ``test_time`` block says when the graph alternates the mirrored view.
@@ -383,6 +425,20 @@ ALTERNATE_NOTE = (
     "frame's, whose view was the other; instrument logits are this frame's only. State inputs "
     "view_mirrored, previous_target, previous_weight; state output target_log_odds"
 )
+
+
+def alternate_note(instrument_weight: float) -> str:
+    """The card's ``test_time.notes`` of an alternating-view export."""
+    if instrument_weight <= 0.0:
+        return ALTERNATE_NOTE
+    return (
+        "one network pass per frame, the view alternating (frame as it is, next frame mirrored, ...); the "
+        "target log-odds (target minus background logit) are the mean of this frame's and the previous "
+        "frame's, whose view was the other; the instrument log-odds are fused the same way with the "
+        f"previous frame's weighted {instrument_weight:g} (this frame's {1 - instrument_weight:g}). State "
+        "inputs view_mirrored, previous_target, previous_weight, previous_instrument; state outputs "
+        "target_log_odds, instrument_log_odds"
+    )
 
 
 #: What the model card's ``test_time`` block says when the graph averages the mirrored view.
@@ -470,6 +526,7 @@ class _ExportWrapper(nn.Module):
         *,
         mirror: bool = False,
         alternate: bool = False,
+        instrument_weight: float = 0.0,
     ):
         super().__init__()
         if mirror and alternate:
@@ -479,7 +536,9 @@ class _ExportWrapper(nn.Module):
         if mirror or alternate:
             if not isinstance(model, UNet):
                 raise TypeError(f"mirrored export needs a UNet, got {type(model).__name__}")
-            model = MirrorEnsemble(model) if mirror else AlternatingMirror(model)
+            model = MirrorEnsemble(model) if mirror else AlternatingMirror(model, instrument_weight)
+        elif instrument_weight:
+            raise ValueError("instrument_weight is a weight of alternating views (alternate=True)")
         self.alternate = alternate
         self.model = model
         self.include_argmax = include_argmax
@@ -496,10 +555,9 @@ class _ExportWrapper(nn.Module):
         own: tuple[torch.Tensor, ...] = ()
         if self.alternate:
             assert isinstance(self.model, AlternatingMirror)
-            assert len(state) == 3
-            logits, target_log_odds, presence = self.model.forward_with_presence(x, *state)
+            assert len(state) == len(views.state_inputs(self.model.fuse_instrument))
+            logits, own, presence = self.model.forward_with_presence(x, *state)
             presence = presence if self.with_presence else None
-            own = (target_log_odds,)
         elif self.with_presence:
             assert isinstance(self.model, UNet | MirrorEnsemble)
             logits, presence = self.model.forward_with_presence(x)
@@ -543,6 +601,7 @@ def output_spec(
     *,
     presence: bool = False,
     alternate: bool = False,
+    fuse_instrument: bool = False,
 ) -> list[dict[str, Any]]:
     """The ``output.tensors`` block of the model card for an export with these options."""
     out: list[dict[str, Any]] = [
@@ -554,16 +613,18 @@ def output_spec(
         if presence:
             out.append({"name": PRESENCE_NAME, "shape": [1], "dtype": "float32"})
     if alternate:
-        out.append({"name": views.TARGET_LOG_ODDS, "shape": [1, height, width], "dtype": "float32"})
+        for _, name in views.state_pairs(fuse_instrument):
+            out.append({"name": name, "shape": [1, height, width], "dtype": "float32"})
     return out
 
 
-def state_input_spec(height: int, width: int) -> list[dict[str, Any]]:
+def state_input_spec(height: int, width: int, fuse_instrument: bool = False) -> list[dict[str, Any]]:
     """The card's ``test_time.state_inputs`` of an alternating-view export (see :mod:`engines.views`)."""
+    plane = [1, height, width]
+    shapes = {views.VIEW_MIRRORED: [1], views.PREVIOUS_WEIGHT: [1]}
     return [
-        {"name": views.VIEW_MIRRORED, "shape": [1], "dtype": "float32"},
-        {"name": views.PREVIOUS_TARGET, "shape": [1, height, width], "dtype": "float32"},
-        {"name": views.PREVIOUS_WEIGHT, "shape": [1], "dtype": "float32"},
+        {"name": name, "shape": shapes.get(name, plane), "dtype": "float32"}
+        for name in views.state_inputs(fuse_instrument)
     ]
 
 
@@ -580,6 +641,7 @@ def export_onnx(
     presence_threshold: float = 0.0,
     mirror: bool = False,
     alternate: bool = False,
+    instrument_weight: float = 0.0,
 ) -> Path:
     """Export ``model`` to ONNX with a fixed ``(1, C, height, width)`` input named ``image``.
 
@@ -595,7 +657,8 @@ def export_onnx(
     on the frame and its mirror image and averages the logits (:class:`MirrorEnsemble`); the input and
     outputs keep their shapes. With ``alternate`` it is :class:`AlternatingMirror`: three more inputs
     (``view_mirrored``, ``previous_target``, ``previous_weight``) and one more output (``target_log_odds``),
-    see :mod:`engines.views`. Returns the path.
+    see :mod:`engines.views`; with ``instrument_weight`` > 0 as well the instrument is fused too, with one
+    more state input (``previous_instrument``) and output (``instrument_log_odds``). Returns the path.
     """
     import onnx
 
@@ -612,6 +675,7 @@ def export_onnx(
         presence_threshold,
         mirror=mirror,
         alternate=alternate,
+        instrument_weight=instrument_weight,
     ).eval()
     names = [LOGITS_NAME, LABELS_NAME, PROB_NAME] if include_argmax else [LOGITS_NAME]
     if wrapper.with_presence:
@@ -619,9 +683,10 @@ def export_onnx(
     inputs: tuple[torch.Tensor, ...] = (torch.zeros((1, in_ch, height, width), dtype=torch.float32),)
     input_names = [INPUT_NAME]
     if alternate:
-        names.append(views.TARGET_LOG_ODDS)
-        inputs += first_frame_state(height, width)
-        input_names += list(views.STATE_INPUTS)
+        fuse_instrument = instrument_weight > 0.0
+        names += [out for _, out in views.state_pairs(fuse_instrument)]
+        inputs += first_frame_state(height, width, fuse_instrument)
+        input_names += list(views.state_inputs(fuse_instrument))
     try:
         # The TorchScript exporter (dynamo=False) is deprecated but needs no extra package (the dynamo
         # exporter needs onnxscript) and handles this plain conv graph exactly; its warning is expected.
@@ -712,6 +777,7 @@ def write_model_card(
     presence_threshold: float = 0.0,
     mirror: bool = False,
     alternate: bool = False,
+    instrument_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Write the JSON model card next to the ONNX file and return it as a dict.
 
@@ -720,12 +786,19 @@ def write_model_card(
     ``output`` (kind, names, shapes), ``architecture`` (config, MACs, parameters), ``training``,
     ``evaluation``, ``onnx`` (file name, opset, sha256), ``intended_use``, ``limits``, and with
     ``mirror`` or ``alternate`` a ``test_time`` block (what the graph averages, passes and MACs per frame,
-    and for ``alternate`` its state inputs and output).
+    and for ``alternate`` its fused classes, their weights, its state inputs and outputs).
     """
     onnx_path = Path(onnx_path)
     with_presence = include_argmax and config.presence_head
+    fuse_instrument = alternate and instrument_weight > 0.0
     tensors = output_spec(
-        height, width, include_argmax, config.num_classes, presence=with_presence, alternate=alternate
+        height,
+        width,
+        include_argmax,
+        config.num_classes,
+        presence=with_presence,
+        alternate=alternate,
+        fuse_instrument=fuse_instrument,
     )
     test_time: dict[str, Any] = {}
     if mirror:
@@ -739,13 +812,20 @@ def write_model_card(
     elif alternate:
         test_time = {
             "mirror": views.ALTERNATE,
-            "fused_classes": [CLASS_NAMES[TARGET]],
-            "notes": ALTERNATE_NOTE,
+            "fused_classes": [
+                CLASS_NAMES[c] for c in ((INSTRUMENT, TARGET) if fuse_instrument else (TARGET,))
+            ],
+            "fuse_weights": {
+                CLASS_NAMES[TARGET]: views.FUSE_WEIGHT,
+                **({CLASS_NAMES[INSTRUMENT]: instrument_weight} if fuse_instrument else {}),
+            },
+            "notes": alternate_note(instrument_weight if fuse_instrument else 0.0),
             "passes_per_frame": 1,
             "macs_per_frame": macs,
             "gmacs_per_frame": None if macs is None else round(macs / 1e9, 4),
-            "state_inputs": state_input_spec(height, width),
+            "state_inputs": state_input_spec(height, width, fuse_instrument),
             "state_output": views.TARGET_LOG_ODDS,
+            "state_outputs": [out for _, out in views.state_pairs(fuse_instrument)],
         }
     card: dict[str, Any] = {
         "card_format": CARD_FORMAT_VERSION,
@@ -833,6 +913,7 @@ def export_model_asset(
     presence_threshold: float = 0.0,
     mirror: bool = False,
     alternate: bool = False,
+    instrument_weight: float = 0.0,
 ) -> tuple[Path, Path]:
     """Export ``<directory>/<name>.onnx`` and write ``<directory>/<name>.json``; return both paths."""
     directory = Path(directory)
@@ -848,6 +929,7 @@ def export_model_asset(
         presence_threshold=presence_threshold,
         mirror=mirror,
         alternate=alternate,
+        instrument_weight=instrument_weight,
     )
     card_path = directory / f"{info.name}.json"
     write_model_card(
@@ -866,6 +948,7 @@ def export_model_asset(
         presence_threshold=presence_threshold,
         mirror=mirror,
         alternate=alternate,
+        instrument_weight=instrument_weight,
     )
     return onnx_path, card_path
 

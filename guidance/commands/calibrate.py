@@ -49,6 +49,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "with, that graph",
     )
     p.add_argument(
+        "--fuse-instrument",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="with --alternate-mirror: fuse the instrument log-odds too, the previous frame weighted W "
+        "(0 to below 1; default 0, the frame's own view only). Higher steadies the tip and lags it",
+    )
+    p.add_argument(
         "--reference",
         type=Path,
         default=None,
@@ -71,8 +79,15 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if args.mirror and args.alternate_mirror:
         raise CommandError("--mirror and --alternate-mirror exclude each other: choose one")
+    if args.fuse_instrument and not args.alternate_mirror:
+        raise CommandError("--fuse-instrument is a setting of --alternate-mirror")
+    if not 0.0 <= args.fuse_instrument < 1.0:
+        raise CommandError(f"--fuse-instrument must be at least 0 and below 1, got {args.fuse_instrument:g}")
     cfg = calibration.CalibrationConfig(
-        max_false_detection=args.max_false_detection, mirror=args.mirror, alternate=args.alternate_mirror
+        max_false_detection=args.max_false_detection,
+        mirror=args.mirror,
+        alternate=args.alternate_mirror,
+        fuse_instrument=args.fuse_instrument,
     )
     if args.sequences is not None:
         cfg = dataclasses.replace(cfg, sequences=args.sequences)

@@ -63,10 +63,45 @@ def test_eng_card_alternate_is_parsed_and_other_fusions_refused(tmp_path: Path) 
         "previous_target",
         "previous_weight",
     ]
-    data["test_time"]["fused_classes"] = ["target", "instrument"]
+    assert parsed.state_pairs == (("previous_target", "target_log_odds"),)
+    assert not parsed.fuse_instrument
+    data["test_time"]["fused_classes"] = ["background", "target"]
     card.write_text(json.dumps(data))
-    with pytest.raises(assets.ModelAssetError, match="fuses \\['target'\\] only"):
+    with pytest.raises(
+        assets.ModelAssetError, match="fused_classes \\['background', 'target'\\] is not supported"
+    ):
         assets.load_model_card(card)
+
+
+def test_eng_card_with_the_instrument_fused_names_its_state_and_weight(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    card = assets.make_random_model(
+        tmp_path, 32, 32, tiny=True, alternate=True, instrument_weight=0.25, name="alt"
+    )
+    parsed = assets.load_model_card(card)
+    assert parsed.fuse_instrument
+    assert parsed.instrument_fuse_weight == 0.25
+    assert parsed.state_inputs == (
+        "view_mirrored",
+        "previous_target",
+        "previous_weight",
+        "previous_instrument",
+    )
+    assert parsed.state_pairs == (
+        ("previous_target", "target_log_odds"),
+        ("previous_instrument", "instrument_log_odds"),
+    )
+    data = json.loads(card.read_text())
+    assert data["test_time"]["fused_classes"] == ["instrument", "target"]
+    assert data["test_time"]["fuse_weights"] == {"target": 0.5, "instrument": 0.25}
+    assert data["test_time"]["state_outputs"] == ["target_log_odds", "instrument_log_odds"]
+    assert [t["name"] for t in data["test_time"]["state_inputs"]] == list(parsed.state_inputs)
+    assert parsed.output_names()[-2:] == ("target_log_odds", "instrument_log_odds")
+    for weights in ({"target": 0.5}, {"target": 0.5, "instrument": 1.0}, {"instrument": "a quarter"}):
+        data["test_time"]["fuse_weights"] = weights
+        card.write_text(json.dumps(data))
+        with pytest.raises(assets.ModelAssetError, match="give the fused instrument a weight"):
+            assets.load_model_card(card, verify=False)
 
 
 def test_eng_single_view_card_beside_an_alternating_graph_is_refused(tmp_path: Path) -> None:
@@ -94,18 +129,24 @@ def _sequence() -> list[np.ndarray]:
 
 
 @needs_torch
-def test_eng_onnxruntime_alternating_engine_matches_the_calibration_arithmetic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instrument_weight", [0.0, 0.25])
+def test_eng_onnxruntime_alternating_engine_matches_the_calibration_arithmetic(
+    tmp_path: Path, instrument_weight: float
+) -> None:
     """Frame by frame, the engine's labels and instrument probability are what calibration scores: the
     network on the frame in this frame's view, the target log-odds averaged with the predecessor's in the
-    other view (:func:`guidance.calibration.fuse_alternating`), decided with the card's biases. After
-    ``reset()`` the next frame is the plain single view again."""
+    other view and the instrument's fused at ``instrument_weight``
+    (:func:`guidance.calibration.fuse_alternating`), decided with the card's biases. After ``reset()``
+    the next frame is the plain single view again."""
     import torch
 
     from engines.models import unet
     from engines.models.preprocess import normalize
     from guidance import calibration
 
-    card = assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=4, alternate=True, name="alt")
+    card = assets.make_random_model(
+        tmp_path, 64, 64, tiny=True, seed=4, alternate=True, instrument_weight=instrument_weight, name="alt"
+    )
     model = unet.build_model(unet.TINY_CONFIG)
     model.load_state_dict(torch.load(card.with_suffix(".pt"), weights_only=True))
     model.eval()
@@ -131,7 +172,7 @@ def test_eng_onnxruntime_alternating_engine_matches_the_calibration_arithmetic(t
                 prev, view = None, 0
                 continue
             own = logits(img, view == 1)
-            fused = calibration.fuse_alternating(own, prev)
+            fused = calibration.fuse_alternating(own, prev, instrument_weight)
             expected.append(calibration.decide(fused, 0.0, False))
             out = engine.infer(img)
             assert out.instrument_prob is not None
@@ -146,19 +187,30 @@ def test_eng_onnxruntime_alternating_engine_matches_the_calibration_arithmetic(t
         # ... and the first frame after the reset is the single plain view
         after_reset = calibration.decide(logits(frames[3], False), 0.0, False)[1]
         np.testing.assert_allclose(got[3][1], after_reset, atol=2e-5)
+        # the instrument weight is in the graph: the weight-0 arithmetic misses a fused engine's frame 1
+        unfused = calibration.decide(
+            calibration.fuse_alternating(logits(frames[1], True), logits(frames[0], False)), 0.0, False
+        )[1]
+        assert np.allclose(got[1][1], unfused, atol=2e-5) == (instrument_weight == 0.0)
     finally:
         engine.close()
 
 
 @needs_torch
-@pytest.mark.parametrize("optimize", [False, True])
-def test_eng_torch_alternating_engine_agrees_with_onnxruntime(tmp_path: Path, optimize: bool) -> None:
+@pytest.mark.parametrize(("optimize", "instrument_weight"), [(False, 0.0), (True, 0.0), (True, 0.25)])
+def test_eng_torch_alternating_engine_agrees_with_onnxruntime(
+    tmp_path: Path, optimize: bool, instrument_weight: float
+) -> None:
     """torch runs :class:`AlternatingMirror` itself, keeping the state on its device; over a stream with
     a reset and a change of frame size it gives ONNX Runtime's results."""
     from engines.models import unet
 
-    card = assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=6, alternate=True, name="alt")
-    assert isinstance(torch_backend.build_torch_model(assets.load_model_card(card)), unet.AlternatingMirror)
+    card = assets.make_random_model(
+        tmp_path, 64, 64, tiny=True, seed=6, alternate=True, instrument_weight=instrument_weight, name="alt"
+    )
+    net = torch_backend.build_torch_model(assets.load_model_card(card))
+    assert isinstance(net, unet.AlternatingMirror)
+    assert net.instrument_weight == instrument_weight
     frames = _sequence()
     big = np.kron(frames[4], np.ones((2, 2), dtype=np.uint8))
     stream = [*frames[:3], None, frames[3], big, frames[4]]
@@ -184,14 +236,26 @@ def test_eng_torch_alternating_engine_agrees_with_onnxruntime(tmp_path: Path, op
 
 
 @needs_torch
-def test_eng_tensorrt_variant_of_an_alternating_model_keeps_its_state_and_agrees(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instrument_weight", [0.0, 0.25])
+def test_eng_tensorrt_variant_of_an_alternating_model_keeps_its_state_and_agrees(
+    tmp_path: Path, instrument_weight: float
+) -> None:
     """What TensorRT would parse (checked on ONNX Runtime, as TensorRT itself needs a GPU): the state
     inputs and the state output survive the output pruning, the FP16 variant keeps FP32 I/O, and with the
     same state both variants decide the same labels."""
     import onnxruntime as ort
 
     card = assets.load_model_card(
-        assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=2, alternate=True, name="alt")
+        assets.make_random_model(
+            tmp_path,
+            64,
+            64,
+            tiny=True,
+            seed=2,
+            alternate=True,
+            instrument_weight=instrument_weight,
+            name="alt",
+        )
     )
     rng = np.random.default_rng(1)
     feed = {
@@ -200,17 +264,22 @@ def test_eng_tensorrt_variant_of_an_alternating_model_keeps_its_state_and_agrees
         "previous_target": rng.normal(size=(1, 64, 64)).astype(np.float32),
         "previous_weight": np.array([0.5], dtype=np.float32),
     }
+    if instrument_weight:
+        feed["previous_instrument"] = rng.normal(size=(1, 64, 64)).astype(np.float32)
+    state_outputs = [out for _, out in card.state_pairs]
     outs = []
     for precision in ("fp32", "fp16"):
         sess = ort.InferenceSession(
             tensorrt_backend.model_for_precision(card, precision), providers=["CPUExecutionProvider"]
         )
         assert [i.name for i in sess.get_inputs()] == list(feed)
-        assert {i.name: i.type for i in sess.get_inputs()}["previous_target"] == "tensor(float)"
+        types = {i.name: i.type for i in sess.get_inputs()}
+        assert all(types[name] == "tensor(float)" for name, _ in card.state_pairs)
         names = sorted(o.name for o in sess.get_outputs())
-        assert names == ["instrument_prob", "labels_int32", "target_log_odds"]
-        outs.append(sess.run(["labels_int32", "instrument_prob", "target_log_odds"], feed))
-    (l32, p32, t32), (l16, p16, t16) = outs
+        assert names == sorted(["instrument_prob", "labels_int32", *state_outputs])
+        outs.append(sess.run(["labels_int32", "instrument_prob", *state_outputs], feed))
+    (l32, p32, *s32), (l16, p16, *s16) = outs
     v = tensorrt_backend.compare_outputs(l32[0], p32[0], l16[0], p16[0])
     assert v.ok, v.reason
-    np.testing.assert_allclose(t16, t32, atol=0.05)
+    for a, b in zip(s16, s32, strict=True):
+        np.testing.assert_allclose(a, b, atol=0.05)

@@ -391,11 +391,15 @@ def test_calibrate_command_refuses_a_missing_or_uncalibrated_reference(
     assert not (tmp_path / "out").exists()
 
 
-def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instrument_weight", [0.0, 0.25])
+def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(
+    tmp_path: Path, instrument_weight: float
+) -> None:
     """``alternate=True``: the logits calibration decides on are, frame for frame, what an ONNX Runtime
     engine computes when the evaluation feeds it as it does (two predecessors before each scored frame),
     so the operating point is chosen on the frames and views the held-out figures come from. The scored
-    frames alternate between the plain and the mirrored view. The re-export carries the graph."""
+    frames alternate between the plain and the mirrored view. The re-export carries the graph, with the
+    instrument fused too where calibration fused it (``fuse_instrument``)."""
     from engines.backends.onnxruntime_backend import OnnxRuntimeEngine
     from guidance import evaluation
 
@@ -405,7 +409,13 @@ def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(tmp_pa
     torch.manual_seed(3)
     model = build_model(TINY_CONFIG).eval()
     _, card_path = export_model_asset(
-        model, tmp_path / "m", CardInfo(name="m", version="0"), height=64, width=64, alternate=True
+        model,
+        tmp_path / "m",
+        CardInfo(name="m", version="0"),
+        height=64,
+        width=64,
+        alternate=True,
+        instrument_weight=instrument_weight,
     )
     assert evaluation.predecessors_for(card_path) == 2
     seq = evaluation.heldout_sequences(cfg)["us"][0]
@@ -415,7 +425,7 @@ def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(tmp_pa
     assert [calibration.alternating_views(j)[0] for j in range(4)] == [False, True, False, True]
 
     fused, _ = calibration._alternating_outputs(
-        model, seq, 64, [b[-1] if b else None for b in before["us"][0]]
+        model, seq, 64, [b[-1] if b else None for b in before["us"][0]], instrument_weight
     )
     engine = OnnxRuntimeEngine(card_path, device="cpu")
     engine.load()
@@ -434,14 +444,28 @@ def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(tmp_pa
     plain, _ = calibration._outputs(model, seq, 64)
     np.testing.assert_allclose(fused[0], plain[0], atol=1e-5)  # the first frame: alone, plain
     assert np.abs(fused[1:] - plain[1:]).max() > 1e-4
+    # the instrument is fused exactly when asked; the target is fused the same either way
+    target_only, _ = calibration._alternating_outputs(
+        model, seq, 64, [b[-1] if b else None for b in before["us"][0]]
+    )
+    np.testing.assert_allclose(fused[:, 2], target_only[:, 2], atol=1e-5)
+    assert (np.abs(fused[1:, 1] - target_only[1:, 1]).max() > 1e-4) == (instrument_weight > 0.0)
 
     small = calibration.CalibrationConfig(
         biases=(0.0,), target_biases=(0.0,), sequences=1, frames=3, stride=5, size=64, seed_probs=()
     )
-    report = calibration.calibrate(model, dataclasses.replace(small, alternate=True))
+    small = dataclasses.replace(small, alternate=True, fuse_instrument=instrument_weight)
+    report = calibration.calibrate(model, small)
     assert report["alternate"] is True
+    assert report["fuse_instrument"] == instrument_weight
     with pytest.raises(calibration.CalibrationError, match="exclude each other"):
-        calibration.calibrate(model, dataclasses.replace(small, alternate=True, mirror=True))
+        calibration.calibrate(model, dataclasses.replace(small, mirror=True))
+    with pytest.raises(calibration.CalibrationError, match="setting of alternating views"):
+        calibration.calibrate(model, dataclasses.replace(small, alternate=False, fuse_instrument=0.25))
+    with pytest.raises(calibration.CalibrationError, match=r"must be in \[0, 1\)"):
+        calibration.calibrate(model, dataclasses.replace(small, fuse_instrument=1.0))
     torch.save(model.state_dict(), card_path.with_suffix(".pt"))
     _, new_card = calibration.apply_calibration(card_path, tmp_path / "out", report)
-    assert load_model_card(new_card).alternate is True
+    loaded = load_model_card(new_card)
+    assert loaded.alternate is True
+    assert loaded.instrument_fuse_weight == instrument_weight

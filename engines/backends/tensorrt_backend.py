@@ -28,9 +28,10 @@ Design:
   after one warm-up enqueue (recaptured when an address or shape changes); CUDA through ``cuda-bindings``
   (``from cuda.bindings import runtime``), not PyCUDA.
 * **Alternating-view models** (:mod:`engines.views`). The view flag and the weight are pinned host
-  inputs copied with the frame; the previous target log-odds never leave the GPU: after each run the
-  state output is copied device to device into the state input, inside the captured graph. The fusion
-  after those FP32 inputs stays FP32 in the FP16 variant.
+  inputs copied with the frame; the previous log-odds (the target's, and the instrument's where the card
+  fuses it) never leave the GPU: after each run each state output is copied device to device into its
+  state input, inside the captured graph. The fusion after those FP32 inputs stays FP32 in the FP16
+  variant.
 
 What could not run on the development machines (no GPU, TensorRT not installable there): the builder,
 runtime, CUDA-graph and progress-monitor code paths, the alternating-view state handling among them.

@@ -5,9 +5,9 @@ engine makes it skip frames (counted) instead of building a backlog; the display
 the UI paints the newest *frame* on its own and draws the newest *result* with its age.
 
 Successive frames the worker processes are one stream to the engine (a temporal model subtracts the
-previous frame; an alternating-view model fuses the target with the previous frame's, seen mirrored) and
-to the interpreter (the tip filter). The worker starts a new stream, resetting both,
-before the first frame of a new connection (:meth:`InferenceWorker.start_stream`, called by the session on
+previous frame; an alternating-view model fuses the target, and possibly the instrument, with the previous
+frame's, seen mirrored) and to the interpreter (the tip filter). The worker starts a new stream, resetting
+both, before the first frame of a new connection (:meth:`InferenceWorker.start_stream`, called by the session on
 every (re)connect: a restarted replay, a scanner that came back), when the OpenIGTLink device name changes
 (another stream on the same connection) and after a gap of ``stream_gap_s`` without frames (a paused or
 frozen source: the last frame is no longer the previous one). A change of frame size or pixel type resets the

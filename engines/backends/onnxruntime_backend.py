@@ -19,8 +19,8 @@ Tuning (measured on the 2-core development VM, random-init default U-Net at 256x
   ``instrument_prob`` are bound, so the logits never leave the session.
 * Alternating-view models (card ``test_time.mirror`` = ``"alternate"``, :mod:`engines.views`): the view
   flag and the weight are one-element bound buffers rewritten in place per frame; the target log-odds
-  live in two bound buffers that swap roles (this frame's output, the next frame's input) by rebinding,
-  so the state is never copied.
+  (and the instrument's, where the card fuses it) each live in two bound buffers that swap roles (this
+  frame's output, the next frame's input) by rebinding, so the state is never copied.
 """
 
 from __future__ import annotations

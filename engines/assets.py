@@ -129,7 +129,15 @@ class ModelCard:
 
     @property
     def label(self) -> str:
-        return f"{self.name} {self.version}"
+        """Name and version, and the test-time views where the graph has any: two cards of the same
+        weights (e.g. plain and alternating) must not read the same in the engine panel or a recording."""
+        views = ""
+        if self.mirror:
+            views = " (mirrored views)"
+        elif self.alternate:
+            fused = f", instrument fused {self.instrument_fuse_weight:g}" if self.fuse_instrument else ""
+            views = f" (alternating views{fused})"
+        return f"{self.name} {self.version}{views}"
 
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)

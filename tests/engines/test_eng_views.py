@@ -64,6 +64,7 @@ def test_eng_card_alternate_is_parsed_and_other_fusions_refused(tmp_path: Path) 
         "previous_weight",
     ]
     assert parsed.state_pairs == (("previous_target", "target_log_odds"),)
+    assert parsed.label.endswith(" (alternating views)")
     assert not parsed.fuse_instrument
     data["test_time"]["fused_classes"] = ["background", "target"]
     card.write_text(json.dumps(data))
@@ -81,6 +82,7 @@ def test_eng_card_with_the_instrument_fused_names_its_state_and_weight(tmp_path:
     parsed = assets.load_model_card(card)
     assert parsed.fuse_instrument
     assert parsed.instrument_fuse_weight == 0.25
+    assert parsed.label == "alt 0.0.0-random (alternating views, instrument fused 0.25)"
     assert parsed.state_inputs == (
         "view_mirrored",
         "previous_target",

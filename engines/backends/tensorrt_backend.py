@@ -613,6 +613,8 @@ class _TrtRunner:
         #: after each run, engines.views.state_pairs).
         self.views: AlternatingViews | None = None
         self.state_pairs = card.state_pairs
+        self._resident = frozenset(previous for previous, _ in self.state_pairs)  # inputs never copied H2D
+        self._state_outputs = frozenset(own for _, own in self.state_pairs)  # outputs never copied D2H
         if card.alternate:
             missing = [out for _, out in self.state_pairs if out not in self.outputs]
             if missing:
@@ -643,9 +645,8 @@ class _TrtRunner:
         rt = self._rt
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        resident = {name for name, _ in self.state_pairs}
         for name in self.inputs:
-            if name in resident:  # device-resident state
+            if name in self._resident:  # device-resident state
                 continue
             arr = self.host[name]
             _check(
@@ -662,9 +663,8 @@ class _TrtRunner:
                 rt.cudaMemcpyAsync(self.device[previous], self.device[own], size, d2d, self.stream),
                 "D2D copy",
             )
-        state_outputs = {own for _, own in self.state_pairs}
         for name in self.outputs:
-            if name in state_outputs:
+            if name in self._state_outputs:
                 continue
             arr = self.host[name]
             _check(

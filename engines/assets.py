@@ -96,8 +96,9 @@ class ModelCard:
     #: ``"horizontal"``): two network passes per frame. A backend that runs the network itself must too.
     mirror: bool = False
     #: The view alternates from frame to frame and the target is fused with the previous frame's (card
-    #: ``test_time.mirror`` ``"alternate"``): one pass per frame, three state inputs beside the image and
-    #: one state output (:mod:`engines.views`). The engine keeps that state and forgets it on ``reset()``.
+    #: ``test_time.mirror`` ``"alternate"``): one pass per frame, state inputs beside the image and state
+    #: outputs (:attr:`state_inputs`, :attr:`state_pairs`; :mod:`engines.views`). The engine keeps that
+    #: state and forgets it on ``reset()``.
     alternate: bool = False
     #: An alternating-view model that fuses the instrument too (card ``test_time.fused_classes`` holds
     #: ``"instrument"``): the previous frame's share of its log-odds (card ``test_time.fuse_weights``;

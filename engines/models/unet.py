@@ -395,18 +395,10 @@ class AlternatingMirror(_ViewWrapper):
         ]
         return torch.cat(parts, dim=1), (own_target, own_instrument), presence
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        view_mirrored: torch.Tensor,
-        previous_target: torch.Tensor,
-        previous_weight: torch.Tensor,
-        previous_instrument: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ...]:
-        """``(fused logits, *this frame's state outputs)``."""
-        fused, own, _ = self.forward_with_presence(
-            x, view_mirrored, previous_target, previous_weight, previous_instrument
-        )
+    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(fused logits, *this frame's state outputs)``; ``state`` as :meth:`forward_with_presence`
+        takes it (:func:`engines.views.state_inputs` order)."""
+        fused, own, _ = self.forward_with_presence(x, *state)
         return (fused, *own)
 
 

@@ -27,10 +27,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from engines.base import CLASS_NAMES, INSTRUMENT, TARGET, EngineError
 from engines.models.preprocess import SINGLE_FRAME_CHANNELS, TEMPORAL_CHANNELS
 from engines.preprocess import Normalization, PreprocessError
-from engines.views import ALTERNATE, state_inputs, state_pairs
+from engines.views import ALTERNATE, FUSE_WEIGHT, RUNNING, AlternatingViews, state_inputs, state_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -104,20 +107,43 @@ class ModelCard:
     #: ``"instrument"``): the previous frame's share of its log-odds (card ``test_time.fuse_weights``;
     #: 0: not fused). One more state input and output (:func:`engines.views.state_pairs`).
     instrument_fuse_weight: float = 0.0
+    #: The target log-odds are a running average over the frames, in the plain view (card
+    #: ``test_time.fusion`` ``"running"``): the previous average's share (card
+    #: ``test_time.fuse_weights.target``); 0: no running target. One pass per frame, state as for
+    #: alternating views but without the view flag (:mod:`engines.views`).
+    running_target: float = 0.0
 
     @property
     def fuse_instrument(self) -> bool:
         return self.alternate and self.instrument_fuse_weight > 0.0
 
     @property
+    def fuses_frames(self) -> bool:
+        """Whether the graph fuses each frame with the previous one (alternating views or a running
+        target): the engine keeps state between frames and forgets it on ``reset()``."""
+        return self.alternate or self.running_target > 0.0
+
+    @property
     def state_inputs(self) -> tuple[str, ...]:
-        """The graph's inputs besides the image (alternating-view models), in declaration order."""
-        return state_inputs(self.fuse_instrument) if self.alternate else ()
+        """The graph's inputs besides the image (models that fuse frames), in declaration order."""
+        return state_inputs(self.fuse_instrument, self.alternate) if self.fuses_frames else ()
 
     @property
     def state_pairs(self) -> tuple[tuple[str, str], ...]:
-        """``(state input, output feeding it on the next frame)`` of an alternating-view model."""
-        return state_pairs(self.fuse_instrument) if self.alternate else ()
+        """``(state input, output feeding it on the next frame)`` of a model that fuses frames."""
+        return state_pairs(self.fuse_instrument) if self.fuses_frames else ()
+
+    def frame_state(
+        self,
+        mirror: npt.NDArray[np.float32] | None = None,
+        weight: npt.NDArray[np.float32] | None = None,
+    ) -> AlternatingViews | None:
+        """The view/weight state machine an engine keeps for this model (None: it fuses no frames);
+        ``mirror`` and ``weight`` as :class:`engines.views.AlternatingViews` takes them."""
+        if not self.fuses_frames:
+            return None
+        share = self.running_target if self.running_target > 0.0 else FUSE_WEIGHT
+        return AlternatingViews(mirror, weight, alternate=self.alternate, previous_share=share)
 
     @property
     def torch_weights_path(self) -> Path:
@@ -138,6 +164,8 @@ class ModelCard:
         elif self.alternate:
             fused = f", instrument fused {self.instrument_fuse_weight:g}" if self.fuse_instrument else ""
             views = f" (alternating views{fused})"
+        elif self.running_target > 0.0:
+            views = f" (running target {self.running_target:g})"
         return f"{self.name} {self.version}{views}"
 
     def output_names(self) -> tuple[str, ...]:
@@ -231,6 +259,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
         instrument_fuse_weight = (
             _instrument_fuse_weight(card_path, test_time) if mirror_axis == ALTERNATE else 0.0
         )
+        running_target = _running_target(card_path, test_time, mirror_axis)
         return ModelCard(
             name=str(_req(data, "name", card_path)),
             version=str(data.get("version", "")),
@@ -253,6 +282,7 @@ def parse_model_card(card_path: Path, data: Mapping[str, Any]) -> ModelCard:
             mirror=mirror_axis == "horizontal",
             alternate=mirror_axis == ALTERNATE,
             instrument_fuse_weight=instrument_fuse_weight,
+            running_target=running_target,
         )
     except PreprocessError as exc:
         raise ModelAssetError(f"model card {card_path}: {exc}") from exc
@@ -279,6 +309,38 @@ def _instrument_fuse_weight(card_path: Path, test_time: Mapping[str, Any]) -> fl
         raise ModelAssetError(
             f"model card {card_path}: test_time fuse_weights must give the fused instrument a weight above "
             f"0 and below 1, got {weights!r}"
+        )
+    return float(weight)
+
+
+def _running_target(card_path: Path, test_time: Mapping[str, Any], mirror_axis: Any) -> float:
+    """The previous average's share of a running-target card (``test_time.fusion`` ``"running"``), else 0;
+    refuse another fusion, one combined with mirrored views, other fused classes and a weight outside
+    (0, 1)."""
+    fusion = test_time.get("fusion")
+    if fusion is None:
+        return 0.0
+    if fusion != RUNNING:
+        raise ModelAssetError(
+            f"model card {card_path}: test_time fusion {fusion!r} is not supported (this build knows {RUNNING!r})"
+        )
+    if mirror_axis is not None:
+        raise ModelAssetError(
+            f"model card {card_path}: test_time fusion {RUNNING!r} runs the plain view only, "
+            f"but the card also asks for mirror {mirror_axis!r}"
+        )
+    fused = tuple(test_time.get("fused_classes") or ())
+    if fused != (CLASS_NAMES[TARGET],):
+        raise ModelAssetError(
+            f"model card {card_path}: test_time fused_classes {list(fused)!r} is not supported with fusion "
+            f"{RUNNING!r} (this build fuses {[CLASS_NAMES[TARGET]]!r})"
+        )
+    weights = test_time.get("fuse_weights")
+    weight = weights.get(CLASS_NAMES[TARGET]) if isinstance(weights, Mapping) else None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < float(weight) < 1.0:
+        raise ModelAssetError(
+            f"model card {card_path}: test_time fuse_weights must give the running target a weight above 0 "
+            f"and below 1, got {weights!r}"
         )
     return float(weight)
 
@@ -360,12 +422,14 @@ def make_random_model(
     include_argmax: bool = True,
     alternate: bool = False,
     instrument_weight: float = 0.0,
+    running_target: float = 0.0,
 ) -> Path:
     """Write a randomly initialised network of the shipped family (ONNX + card + ``.pt`` state dict).
 
     Stands in for the trained model in tests and benchmarks until one is shipped. Needs torch and onnx
     (the ``train`` extra). ``alternate``: exported with alternating views (:mod:`engines.views`), the
-    instrument fused too at ``instrument_weight`` > 0. Returns the card path.
+    instrument fused too at ``instrument_weight`` > 0. ``running_target`` > 0: exported with a running
+    target, the previous average weighted that. Returns the card path.
     """
     try:
         import torch
@@ -401,6 +465,7 @@ def make_random_model(
         include_argmax=include_argmax,
         alternate=alternate,
         instrument_weight=instrument_weight,
+        running_target=running_target,
     )
     torch.save(model.state_dict(), card_path.with_suffix(".pt"))
     return card_path

@@ -657,6 +657,36 @@ def load_run(card_path: Path) -> tuple[dict[str, Any], UNet]:
     return card, load_trained(weights, config)
 
 
+def with_running_target(card_path: Path, out_dir: Path, share: float) -> tuple[Path, Path]:
+    """Re-export a calibrated single-view model into ``out_dir`` with a running target
+    (:class:`engines.models.unet.RunningTarget`, the previous average weighted ``share``), keeping the
+    operating point of its card's ``calibration`` block.
+
+    No sweep: the running target leaves the instrument logits, which the instrument bias and seed were
+    chosen on, exactly as they were, and a sweep over it would have to run every frame between the
+    scored ones (eight times the passes of a calibration). The target bias is kept as calibrated.
+    """
+    if not 0.0 < share < 1.0:
+        raise CalibrationError(f"the running target's share must be above 0 and below 1, got {share:g}")
+    card, _ = load_run(card_path)
+    previous = card.get("calibration")
+    if not isinstance(previous, Mapping) or "instrument_logit_bias" not in previous:
+        raise CalibrationError(
+            f"{card_path} has no calibration block: calibrate it first (guidance calibrate)"
+        )
+    if previous.get("mirror") or previous.get("alternate") or previous.get("running_target"):
+        raise CalibrationError(
+            f"{card_path} was calibrated for other test-time views; a running target needs a single-view model"
+        )
+    report = dict(previous)
+    report["running_target"] = float(share)
+    report["running_target_rule"] = (
+        "operating point kept from the single-view calibration: the running target changes the target "
+        "log-odds only"
+    )
+    return apply_calibration(card_path, out_dir, report)
+
+
 def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
     """Re-export ``card_path``'s model into ``out_dir`` with the calibrated bias and post-processing.
 
@@ -692,6 +722,7 @@ def apply_calibration(card_path: Path, out_dir: Path, report: Mapping[str, Any])
         mirror=bool(report.get("mirror", False)),
         alternate=bool(report.get("alternate", False)),
         instrument_weight=float(report.get("fuse_instrument", 0.0) or 0.0),
+        running_target=float(report.get("running_target", 0.0) or 0.0),
     )
     if weights.resolve() != (out_dir / f"{name}.pt").resolve():
         shutil.copyfile(weights, out_dir / f"{name}.pt")

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import cv2
 import numpy as np
@@ -478,29 +478,49 @@ def heldout_sequences(cfg: EvalConfig) -> dict[str, list[list[PhantomFrame]]]:
     return out
 
 
-def heldout_previous_frames(
-    cfg: EvalConfig, count: int = 1
-) -> dict[str, list[list[tuple[PhantomFrame, ...]]]]:
-    """modality -> sequences -> the ``count`` frames just before each held-out frame, oldest first (none
-    before the first).
+class Predecessors(Sequence[tuple[PhantomFrame, ...]]):
+    """The ``count`` frames just before each scored frame of one sequence (scored frame ``j`` is frame
+    ``j * stride``), oldest first, none before the first; drawn when asked, not held: a running target
+    takes seven per scored frame, which for 192 sequences would be gigabytes of frames."""
+
+    def __init__(self, phantom: Any, frames: int, stride: int, count: int) -> None:
+        self._phantom, self._frames, self._stride, self._count = phantom, frames, stride, count
+
+    def __len__(self) -> int:
+        return self._frames
+
+    @overload
+    def __getitem__(self, j: int) -> tuple[PhantomFrame, ...]: ...
+
+    @overload
+    def __getitem__(self, j: slice) -> Sequence[tuple[PhantomFrame, ...]]: ...
+
+    def __getitem__(self, j: int | slice) -> tuple[PhantomFrame, ...] | Sequence[tuple[PhantomFrame, ...]]:
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(self._frames))]
+        if not -self._frames <= j < self._frames:
+            raise IndexError(j)
+        j %= self._frames
+        if j == 0:
+            return ()
+        first = j * self._stride
+        return tuple(self._phantom.frame(first - k) for k in range(self._count, 0, -1))
+
+
+def heldout_previous_frames(cfg: EvalConfig, count: int = 1) -> dict[str, list[Predecessors]]:
+    """modality -> sequences -> the ``count`` frames just before each held-out frame (:class:`Predecessors`).
 
     The held-out frames are ``stride`` apart; a live stream delivers every frame, so a model that uses the
     frames before (:func:`predecessors_for`) is fed them first (:func:`evaluate_engine`), as it would have
     seen them.
     """
-    out: dict[str, list[list[tuple[PhantomFrame, ...]]]] = {}
+    out: dict[str, list[Predecessors]] = {}
     for mi, m in enumerate(cfg.modalities):
         try:
             phantoms = _phantoms(cfg, m, mi)
         except (ValueError, ImportError, NotImplementedError):
             continue  # heldout_sequences has said so
-        out[m] = [
-            [
-                tuple(ph.frame(j * cfg.stride - k) for k in range(count, 0, -1)) if j else ()
-                for j in range(cfg.frames)
-            ]
-            for ph in phantoms
-        ]
+        out[m] = [Predecessors(ph, cfg.frames, cfg.stride, count) for ph in phantoms]
     return out
 
 
@@ -511,25 +531,28 @@ def model_is_temporal(model: str | Path | None) -> bool:
     return load_model_card(resolve_model(model), verify=False).temporal
 
 
-def predecessors_for(model: str | Path | None) -> int:
-    """How many frames before each scored one the engine of ``model`` (None: the shipped default) is fed.
+def predecessors_for(model: str | Path | None, stride: int | None = None) -> int:
+    """How many frames before each scored one the engine of ``model`` (None: the shipped default) is fed,
+    the scored frames being ``stride`` apart (None: the held-out protocol's).
 
     1 for a temporal model (its previous frame). 2 for an alternating-view model: its previous frame, and
     one more, so that the scored frames of a sequence alternate between the plain and the mirrored view as
     a live stream's do (the engine flips the view on every frame; see
-    :func:`guidance.calibration.alternating_views`). 0 otherwise.
+    :func:`guidance.calibration.alternating_views`). ``stride - 1`` for a running target: every frame
+    between two scored ones, so that the engine sees the sequence as a live stream does and its running
+    average is the one a clinician would see on that frame. 0 otherwise.
     """
     from engines.assets import load_model_card, resolve_model
 
     card = load_model_card(resolve_model(model), verify=False)
+    if card.running_target > 0.0:
+        return max((EvalConfig().stride if stride is None else stride) - 1, 0)
     return 2 if card.alternate else 1 if card.temporal else 0
 
 
-def heldout_predecessors(
-    cfg: EvalConfig, model: str | Path | None
-) -> dict[str, list[list[tuple[PhantomFrame, ...]]]] | None:
+def heldout_predecessors(cfg: EvalConfig, model: str | Path | None) -> dict[str, list[Predecessors]] | None:
     """:func:`heldout_previous_frames` for ``model``, or None when it needs none."""
-    count = predecessors_for(model)
+    count = predecessors_for(model, cfg.stride)
     return heldout_previous_frames(cfg, count) if count else None
 
 
@@ -541,7 +564,7 @@ def evaluate_engine(
     data: Mapping[str, list[list[PhantomFrame]]],
     reader_factory: Callable[[], GeometryReader],
     target_kinds: Mapping[str, Sequence[str]] | None = None,
-    previous: Mapping[str, list[list[tuple[PhantomFrame, ...]]]] | None = None,
+    previous: Mapping[str, Sequence[Sequence[tuple[PhantomFrame, ...]]]] | None = None,
 ) -> dict[str, ModalityReport]:
     """Run one engine over held-out sequences; returns modality -> report.
 
@@ -882,7 +905,7 @@ def contour_grid(
     *,
     per_modality: int = 6,
     tile: int = 256,
-    previous: Mapping[str, list[list[tuple[PhantomFrame, ...]]]] | None = None,
+    previous: Mapping[str, Sequence[Sequence[tuple[PhantomFrame, ...]]]] | None = None,
 ) -> Path:
     """A PNG grid: one row per modality; each tile a frame with true (green instrument / cyan target) and
     predicted (red instrument / yellow target) contours, the true tip (green dot) and predicted tip (red).

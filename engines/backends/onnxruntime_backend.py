@@ -17,8 +17,9 @@ Tuning (measured on the 2-core development VM, random-init default U-Net at 256x
 * Argmax and the instrument softmax run inside the graph: if the model only outputs logits, ArgMax(+Cast)
   and Softmax(+Gather) nodes are appended at load time (:func:`add_label_outputs`); only ``labels`` and
   ``instrument_prob`` are bound, so the logits never leave the session.
-* Alternating-view models (card ``test_time.mirror`` = ``"alternate"``, :mod:`engines.views`): the view
-  flag and the weight are one-element bound buffers rewritten in place per frame; the target log-odds
+* Models that fuse frames (alternating views, card ``test_time.mirror`` = ``"alternate"``, or a running
+  target, card ``test_time.fusion`` = ``"running"``; :mod:`engines.views`): the view flag (alternating
+  views) and the weight are one-element bound buffers rewritten in place per frame; the target log-odds
   (and the instrument's, where the card fuses it) each live in two bound buffers that swap roles (this
   frame's output, the next frame's input) by rebinding, so the state is never copied.
 """
@@ -196,7 +197,7 @@ class OnnxRuntimeEngine:
         self._present: npt.NDArray[np.float32] | None = None
         self._keep: list[Any] = []
         self._device_label = "cpu"
-        # alternating-view models (card test_time.mirror "alternate"): see _bind_views
+        # models that fuse frames (alternating views, running target): see _bind_views
         self._views: AlternatingViews | None = None
         #: per state pair (engines.views.state_pairs): (input name, output name, its two buffers' OrtValues)
         self._state: list[tuple[str, str, tuple[Any, Any]]] = []
@@ -247,7 +248,7 @@ class OnnxRuntimeEngine:
         if len(inputs) != len(want) or [i.name for i in inputs[1:]] != want[1:]:
             raise EngineError(
                 f"model {card.name} has inputs {[i.name for i in inputs]}; its card asks for {len(want)}"
-                + (f" ({', '.join(want[1:])} beside the image)" if card.alternate else "")
+                + (f" ({', '.join(want[1:])} beside the image)" if card.fuses_frames else "")
             )
         h, w = card.input_hw
         shape = inputs[0].shape
@@ -284,27 +285,29 @@ class OnnxRuntimeEngine:
             binding.bind_ortvalue_output(PRESENCE, present_val)
             self._keep.append(present_val)
         self._views = None
-        if card.alternate:
-            self._bind_views(ort, binding, card.state_pairs, (h, w))
+        if card.fuses_frames:
+            self._bind_views(ort, binding, card, (h, w))
         self._session, self._binding, self._card, self._pre = session, binding, card, pre
         logger.info(
             "onnxruntime %s loaded %s on %s (spinning %s)", ort.__version__, card.label, used, self._spinning
         )
 
-    def _bind_views(
-        self, ort: Any, binding: Any, pairs: tuple[tuple[str, str], ...], hw: tuple[int, int]
-    ) -> None:
-        """Bind the state of an alternating-view model (:mod:`engines.views`): the view flag and the
-        weight are rewritten in place per frame; each fused class's log-odds live in two buffers whose
-        roles (this frame's output, next frame's input) swap after every frame, so nothing is copied."""
-        views = AlternatingViews()
-        mirror_val = ort.OrtValue.ortvalue_from_numpy(views.mirror)
+    def _bind_views(self, ort: Any, binding: Any, card: ModelCard, hw: tuple[int, int]) -> None:
+        """Bind the state of a model that fuses frames (:mod:`engines.views`): the view flag (alternating
+        views) and the weight are rewritten in place per frame; each fused class's log-odds live in two
+        buffers whose roles (this frame's output, next frame's input) swap after every frame, so nothing
+        is copied."""
+        views = card.frame_state()
+        assert views is not None
         weight_val = ort.OrtValue.ortvalue_from_numpy(views.weight)
-        binding.bind_ortvalue_input(VIEW_MIRRORED, mirror_val)
         binding.bind_ortvalue_input(PREVIOUS_WEIGHT, weight_val)
-        self._keep += [mirror_val, weight_val]
+        self._keep.append(weight_val)
+        if VIEW_MIRRORED in card.state_inputs:
+            mirror_val = ort.OrtValue.ortvalue_from_numpy(views.mirror)
+            binding.bind_ortvalue_input(VIEW_MIRRORED, mirror_val)
+            self._keep.append(mirror_val)
         self._state = []
-        for input_name, output_name in pairs:
+        for input_name, output_name in card.state_pairs:
             buffers = tuple(
                 ort.OrtValue.ortvalue_from_numpy(np.zeros((1, *hw), dtype=np.float32)) for _ in range(2)
             )

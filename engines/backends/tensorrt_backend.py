@@ -123,6 +123,28 @@ def nodes_downstream(model: Any, tensor: str) -> list[str]:
     return names
 
 
+def detach_consumed_outputs(model: Any) -> Any:
+    """Give every graph output that nodes inside the graph also consume its own Identity node.
+
+    A running target's state output (``target_log_odds``) is also the tensor its fused logits are built
+    from. onnxconverter-common casts such an output to FP16 in place and back to FP32 after it, so the
+    FP32 fusion downstream then met an FP16 tensor (an ONNX type error, found on ONNX Runtime). With the
+    Identity the output is a tensor of its own, and the inside keeps the FP32 one."""
+    outputs = {o.name for o in model.graph.output}
+    consumed = {i for n in model.graph.node for i in n.input} & outputs
+    if not consumed:
+        return model
+    from onnx import helper
+
+    for name in sorted(consumed):
+        inner = f"{name}_inner"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+    return model
+
+
 def convert_to_fp16(model: Any, head_from: str | None = None, fp32_from: Sequence[str] = ()) -> Any:
     """FP16 variant of an ``onnx.ModelProto``: FP16 weights/activations, FP32 I/O, argmax/softmax in FP32.
 
@@ -168,7 +190,7 @@ def model_for_precision(card: ModelCard, precision: str) -> bytes:
     if precision == "fp16":
         fused = (PREVIOUS_TARGET, PREVIOUS_INSTRUMENT, PREVIOUS_WEIGHT)
         state = [i.name for i in model.graph.input if i.name in fused]
-        model = convert_to_fp16(model, head_from=logits, fp32_from=state)
+        model = convert_to_fp16(detach_consumed_outputs(model), head_from=logits, fp32_from=state)
     elif precision != "fp32":
         raise EngineError(f"unknown TensorRT precision {precision!r}")
     data: bytes = model.SerializeToString()
@@ -615,13 +637,13 @@ class _TrtRunner:
         self.state_pairs = card.state_pairs
         self._resident = frozenset(previous for previous, _ in self.state_pairs)  # inputs never copied H2D
         self._state_outputs = frozenset(own for _, own in self.state_pairs)  # outputs never copied D2H
-        if card.alternate:
+        if card.fuses_frames:
             missing = [out for _, out in self.state_pairs if out not in self.outputs]
             if missing:
                 raise EngineError(f"engine outputs {self.outputs} lack {missing}")
-            self.views = AlternatingViews(
-                mirror=self.host[VIEW_MIRRORED].reshape(-1), weight=self.host[PREVIOUS_WEIGHT].reshape(-1)
-            )
+            # A running target's graph has no view flag; its state machine then keeps its own (always 0).
+            mirror = self.host[VIEW_MIRRORED].reshape(-1) if VIEW_MIRRORED in self.host else None
+            self.views = card.frame_state(mirror=mirror, weight=self.host[PREVIOUS_WEIGHT].reshape(-1))
         self.labels_name = next((n for n in self.outputs if n.startswith(LABELS)), "")
         self.prob_name = PROB if PROB in self.outputs else ""
         self.present: npt.NDArray[np.float32] | None = self.host.get(PRESENCE)

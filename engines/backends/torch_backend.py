@@ -103,6 +103,8 @@ def build_torch_model(card: ModelCard) -> Any:
         return unet.MirrorEnsemble(model).eval()
     if card.alternate:  # as the card's ONNX graph does: one view per frame, the target fused over two
         return unet.AlternatingMirror(model, card.instrument_fuse_weight).eval()
+    if card.running_target:  # as the card's ONNX graph does: the target a running average over frames
+        return unet.RunningTarget(model).eval()
     return model
 
 
@@ -152,6 +154,7 @@ class TorchEngine:
         self._presence_threshold = 0.0
         # alternating-view models: host state (engines.views) and its device copies, see _setup_views
         self._views: AlternatingViews | None = None
+        self._pass_view = True  # the graph takes the view flag (alternating views; not a running target)
         #: (mirrored, weight, previous log-odds per fused class in engines.views.state_pairs order)
         self._view_state: tuple[Any, Any, tuple[Any, ...]] | None = None
         self._host_views: tuple[Any, Any] | None = None  # pinned (mirrored, weight) on CUDA
@@ -218,8 +221,8 @@ class TorchEngine:
                 temporal=card.temporal,
             )
             self._label = f"cpu ({torch.get_num_threads()} threads)"
-        if card.alternate:
-            self._setup_views(torch, (h, w), len(card.state_pairs))
+        if card.fuses_frames:
+            self._setup_views(torch, card, (h, w))
         self._card = card
         logger.info(
             "torch %s loaded %s on %s (optimize=%s)",
@@ -229,21 +232,25 @@ class TorchEngine:
             self._optimize,
         )
 
-    def _setup_views(self, torch: Any, hw: tuple[int, int], fused: int) -> None:
-        """State of an alternating-view model: view flag and weight written by
+    def _setup_views(self, torch: Any, card: ModelCard, hw: tuple[int, int]) -> None:
+        """State of a model that fuses frames: view flag and weight written by
         :class:`engines.views.AlternatingViews` (into pinned memory on CUDA, copied to the device with the
         frame), and the previous log-odds of each fused class (engines.views.state_pairs), device tensors
-        the step overwrites in place."""
+        the step overwrites in place. A running target's graph takes no view flag: its buffer is kept
+        (always 0) but not passed."""
+        fused = len(card.state_pairs)
+        self._pass_view = card.alternate
         dtype = torch.float16 if (self._cuda and self._optimize) else torch.float32
         if self._cuda:
             mirror_h = torch.zeros((1,), dtype=torch.float32).pin_memory()
             weight_h = torch.zeros((1,), dtype=torch.float32).pin_memory()
             self._host_views = (mirror_h, weight_h)
-            self._views = AlternatingViews(mirror=mirror_h.numpy(), weight=weight_h.numpy())
+            self._views = card.frame_state(mirror=mirror_h.numpy(), weight=weight_h.numpy())
             mirror = torch.zeros((1,), dtype=dtype, device=self._device)
             weight = torch.zeros((1,), dtype=dtype, device=self._device)
         else:
-            self._views = AlternatingViews()
+            self._views = card.frame_state()
+            assert self._views is not None
             mirror, weight = torch.from_numpy(self._views.mirror), torch.from_numpy(self._views.weight)
         previous = tuple(torch.zeros((1, *hw), dtype=dtype, device=self._device) for _ in range(fused))
         self._view_state = (mirror, weight, previous)
@@ -255,8 +262,9 @@ class TorchEngine:
         present = None
         if self._view_state is not None:
             mirror, weight, previous = self._view_state
+            view = (mirror,) if self._pass_view else ()
             logits, own, presence = self._net.forward_with_presence(
-                x, mirror, previous[0], weight, *previous[1:]
+                x, *view, previous[0], weight, *previous[1:]
             )
             for state, new in zip(previous, own, strict=True):
                 state.copy_(new)  # in place: the next frame's input, also inside a captured CUDA graph

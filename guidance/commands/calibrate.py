@@ -57,6 +57,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(0 to below 1; default 0, the frame's own view only). Higher steadies the tip and lags it",
     )
     p.add_argument(
+        "--running-target",
+        type=float,
+        default=None,
+        metavar="W",
+        help="no sweep: re-export a calibrated single-view card at its own operating point with the target "
+        "log-odds a running average over frames, the previous average weighted W (above 0, below 1); "
+        "the instrument is left as it was",
+    )
+    p.add_argument(
         "--reference",
         type=Path,
         default=None,
@@ -77,6 +86,23 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"calibration needs the 'train' extra (pip install -e '.[train]'): {exc}"
         ) from None
+    if args.running_target is not None:
+        if args.mirror or args.alternate_mirror or args.reference or args.sequences or args.fuse_instrument:
+            raise CommandError(
+                "--running-target re-exports a calibrated card without a sweep: it takes no --mirror, "
+                "--alternate-mirror, --fuse-instrument, --reference or --sequences"
+            )
+        try:
+            onnx_path, card_path = calibration.with_running_target(args.model, args.out, args.running_target)
+        except calibration.CalibrationError as exc:
+            raise CommandError(str(exc)) from None
+        logger.info(
+            "running target %g at the card's own operating point; wrote %s and %s",
+            args.running_target,
+            onnx_path,
+            card_path,
+        )
+        return 0
     if args.mirror and args.alternate_mirror:
         raise CommandError("--mirror and --alternate-mirror exclude each other: choose one")
     if args.fuse_instrument and not args.alternate_mirror:

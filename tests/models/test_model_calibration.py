@@ -469,3 +469,74 @@ def test_alternating_calibration_scores_what_the_evaluated_engine_outputs(
     loaded = load_model_card(new_card)
     assert loaded.alternate is True
     assert loaded.instrument_fuse_weight == instrument_weight
+
+
+def test_running_target_reexport_keeps_the_operating_point_and_is_fed_every_frame(tmp_path: Path) -> None:
+    """``with_running_target`` re-exports a calibrated single-view card with a running target at the
+    card's own operating point (no sweep), and refuses what it cannot do. The evaluation feeds such a model
+    every frame between two scored ones, so the scored frame's running average is a live stream's: the
+    engine's labels there equal the running average over all the frames before, worked out by hand."""
+    from engines.backends.onnxruntime_backend import OnnxRuntimeEngine
+    from guidance import evaluation
+
+    torch.manual_seed(5)
+    model = build_model(TINY_CONFIG).eval()
+    _, card_path = export_model_asset(
+        model, tmp_path / "m", CardInfo(name="m", version="0"), height=64, width=64
+    )
+    torch.save(model.state_dict(), card_path.with_suffix(".pt"))
+    with pytest.raises(calibration.CalibrationError, match="no calibration block"):
+        calibration.with_running_target(card_path, tmp_path / "bad", 0.7)
+    small = calibration.CalibrationConfig(
+        biases=(1.0,), target_biases=(0.5,), sequences=1, frames=2, stride=5, size=64, seed_probs=()
+    )
+    _, calibrated = calibration.apply_calibration(
+        card_path, tmp_path / "cal", calibration.calibrate(model, small)
+    )
+    with pytest.raises(calibration.CalibrationError, match="above 0 and below 1"):
+        calibration.with_running_target(calibrated, tmp_path / "bad", 1.0)
+    _, running = calibration.with_running_target(calibrated, tmp_path / "run", 0.7)
+    before, after = json.loads(calibrated.read_text()), json.loads(running.read_text())
+    assert after["output"]["instrument_logit_bias"] == before["output"]["instrument_logit_bias"] == 1.0
+    assert after["output"]["target_logit_bias"] == before["output"]["target_logit_bias"] == 0.5
+    assert after["calibration"]["running_target"] == 0.7
+    assert {k: v for k, v in after["calibration"].items() if not k.startswith("running_target")} == before[
+        "calibration"
+    ]
+    card = load_model_card(running)
+    assert card.running_target == 0.7
+    with pytest.raises(calibration.CalibrationError, match="needs a single-view model"):
+        calibration.with_running_target(running, tmp_path / "again", 0.5)
+
+    cfg = evaluation.EvalConfig(
+        modalities=("us",), sequences=1, frames=3, stride=4, width=64, height=64, plus_dir=None
+    )
+    assert evaluation.predecessors_for(running, cfg.stride) == 3
+    assert evaluation.predecessors_for(running) == evaluation.EvalConfig().stride - 1
+    seq = evaluation.heldout_sequences(cfg)["us"][0]
+    previous = evaluation.heldout_predecessors(cfg, running)
+    assert previous is not None
+    feed = previous["us"][0]
+    assert len(feed) == 3
+    assert [p.index for p in feed[-1]] == [5, 6, 7]
+    assert len(feed[0:2]) == 2
+    assert [[p.index for p in b] for b in feed] == [[], [1, 2, 3], [5, 6, 7]]  # every frame, in order
+    every = [seq[0], *feed[1], seq[1], *feed[2], seq[2]]
+    logits, _ = calibration._outputs(model, every, 64)
+    engine = OnnxRuntimeEngine(running, device="cpu")
+    engine.load()
+    try:
+        engine.reset()
+        average = None
+        for j, fr in enumerate(every):
+            odds = logits[j, TARGET] - logits[j, 0]
+            average = odds if average is None else odds + np.float32(0.7) * (average - odds)
+            out = engine.infer(fr.image)
+            if fr.index % 4 == 0:  # a scored frame
+                fused = logits[j].copy()
+                fused[TARGET] = logits[j, 0] + average
+                _labels, prob = calibration.decide(fused, 1.0, False, 0.5)
+                assert out.instrument_prob is not None
+                np.testing.assert_allclose(out.instrument_prob, prob, atol=2e-5)
+    finally:
+        engine.close()

@@ -408,16 +408,17 @@ class RunningTarget(_ViewWrapper):
     The graph takes the frame, the previous frame's running target log-odds (target logit minus
     background logit) and the weight they get (``previous_weight``: the card's share, or 0 on a stream's
     first frame). It replaces this frame's target log-odds with ``own + w * (previous - own)`` and outputs
-    that average both in the logits and as the next frame's state, so the average is exponential: with the
-    shipped share 0.7 the frame itself weighs 0.3, the one before 0.21, and the frame 8 back under 2 %.
+    that average both in the logits and as the next frame's state, so the average is exponential: with a
+    share of 0.5 the frame itself weighs 0.5, the one before 0.25, and the frame 4 back about 6 %.
     The instrument logits are this frame's only: the needle moves on every frame and its tip must not lag.
 
     Why: a lesion moves little from one frame to the next, but speckle and noise redraw its border on
-    every frame. On calibration's 48 ultrasound validation sequences, s40's weights at its operating point,
-    the running average raised target Dice 0.9160 -> 0.9178 (share 0.7; 0.5 gave 0.9175, 0.9 lagged back
-    to 0.9161) and left the instrument as it was (runs file, s49). It is a third of what alternating views
-    buy the target (:class:`AlternatingMirror`, 0.9212), but it keeps the instrument and its tip exactly
-    the single view's. It also steadies the target contour and the tip-to-target distance on screen.
+    every frame. On calibration's 48 validation sequences per modality, s40's weights at its operating
+    point, a share of 0.5 raised target Dice 0.9160 -> 0.9175 (ultrasound) and 0.9229 -> 0.9253
+    (fluoroscopy). Longer memories lag a moving target: 0.7 gave ultrasound 0.9178 but fluoroscopy 0.9224,
+    0.9 gave 0.9161 and 0.8963 (runs file, s49). It is a fraction of what alternating views buy the target
+    (:class:`AlternatingMirror`, ultrasound 0.9212), but it leaves the instrument logits exactly the single
+    view's, so the tip neither shimmers nor lags; and it steadies the target contour on screen.
 
     The engines keep the state and forget it on ``reset()`` (:class:`engines.views.AlternatingViews`
     with ``alternate=False``); a stream that drops frames averages over a longer time.

@@ -540,3 +540,36 @@ def test_running_target_reexport_keeps_the_operating_point_and_is_fed_every_fram
                 np.testing.assert_allclose(out.instrument_prob, prob, atol=2e-5)
     finally:
         engine.close()
+
+
+def test_calibrate_command_running_target_re_exports_or_says_why_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``guidance calibrate CARD --running-target W``: a re-export in seconds, or a plain refusal."""
+    from guidance.cli import main
+
+    torch.manual_seed(2)
+    model = build_model(TINY_CONFIG).eval()
+    _, card_path = export_model_asset(
+        model, tmp_path / "m", CardInfo(name="m", version="0"), height=64, width=64
+    )
+    torch.save(model.state_dict(), card_path.with_suffix(".pt"))
+    assert (
+        main(
+            ["calibrate", str(card_path), "--running-target", "0.5", "--mirror", "--out", str(tmp_path / "x")]
+        )
+        == 1
+    )
+    assert "takes no --mirror" in capsys.readouterr().err
+    assert main(["calibrate", str(card_path), "--running-target", "0.5", "--out", str(tmp_path / "x")]) == 1
+    assert "no calibration block" in capsys.readouterr().err
+    small = calibration.CalibrationConfig(
+        biases=(1.0,), target_biases=(0.0,), sequences=1, frames=2, stride=5, size=64, seed_probs=()
+    )
+    _, calibrated = calibration.apply_calibration(
+        card_path, tmp_path / "cal", calibration.calibrate(model, small)
+    )
+    assert (
+        main(["calibrate", str(calibrated), "--running-target", "0.5", "--out", str(tmp_path / "run")]) == 0
+    )
+    assert load_model_card(tmp_path / "run" / "m.json").running_target == 0.5

@@ -1,17 +1,19 @@
 """A running target (card ``test_time.fusion`` = "running"): the state machine, the card, the exported graph,
-and every backend that runs it on this machine agreeing with the arithmetic the evaluation scores."""
+and every backend that runs it on this machine agreeing with the arithmetic the evaluation scores (torch
+against ONNX Runtime: ``test_eng_views``, beside the alternating views)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from engines import assets
-from engines.backends import onnxruntime_backend, tensorrt_backend, torch_backend
+from engines.backends import onnxruntime_backend, tensorrt_backend
 from engines.views import AlternatingViews
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
@@ -52,7 +54,7 @@ def test_eng_running_card_is_parsed_and_bad_ones_refused(tmp_path: Path) -> None
     assert not views.alternate
     assert views.previous_share == SHARE
     data = json.loads(card.read_text())
-    tt = data["test_time"]
+    tt: dict[str, Any] = data["test_time"]
     assert (tt["fusion"], tt["fused_classes"], tt["fuse_weights"]) == (
         "running",
         ["target"],
@@ -149,39 +151,6 @@ def test_eng_onnxruntime_running_target_matches_the_arithmetic_and_leaves_the_in
     own = logits(frames[1])
     np.testing.assert_allclose(graph_logits[0, :2], own[:2], atol=1e-5)  # instrument untouched
     np.testing.assert_allclose(state[0], graph_logits[0, 2] - graph_logits[0, 0], atol=1e-5)  # the average
-
-
-@needs_torch
-@pytest.mark.parametrize("optimize", [False, True])
-def test_eng_torch_running_target_agrees_with_onnxruntime(tmp_path: Path, optimize: bool) -> None:
-    """torch runs :class:`RunningTarget` itself, keeping the state on its device; over a stream with a
-    reset and a change of frame size it gives ONNX Runtime's results."""
-    from engines.models import unet
-
-    card = assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=6, running_target=SHARE, name="run")
-    assert isinstance(torch_backend.build_torch_model(assets.load_model_card(card)), unet.RunningTarget)
-    frames = _sequence()
-    big = np.kron(frames[4], np.ones((2, 2), dtype=np.uint8))
-    stream = [*frames[:3], None, frames[3], big, frames[4]]
-    results = []
-    for engine in (
-        onnxruntime_backend.OnnxRuntimeEngine(card, device="cpu"),
-        torch_backend.TorchEngine(card, device="cpu", optimize=optimize),
-    ):
-        engine.load()
-        engine.warm_up()
-        out = []
-        for img in stream:
-            if img is None:
-                engine.reset()
-                continue
-            r = engine.infer(img)
-            out.append((r.labels, r.instrument_prob))
-        engine.close()
-        results.append(out)
-    for (la, pa), (lb, pb) in zip(*results, strict=True):
-        assert (la == lb).mean() >= 0.999
-        np.testing.assert_allclose(pa, pb, atol=1e-4)
 
 
 @needs_torch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -199,20 +200,30 @@ def test_eng_onnxruntime_alternating_engine_matches_the_calibration_arithmetic(
 
 
 @needs_torch
-@pytest.mark.parametrize(("optimize", "instrument_weight"), [(False, 0.0), (True, 0.0), (True, 0.25)])
-def test_eng_torch_alternating_engine_agrees_with_onnxruntime(
-    tmp_path: Path, optimize: bool, instrument_weight: float
+@pytest.mark.parametrize(
+    ("optimize", "views"),
+    [
+        (False, {"alternate": True}),
+        (True, {"alternate": True}),
+        (True, {"alternate": True, "instrument_weight": 0.25}),
+        (False, {"running_target": 0.7}),
+        (True, {"running_target": 0.7}),
+    ],
+)
+def test_eng_torch_engine_that_fuses_frames_agrees_with_onnxruntime(
+    tmp_path: Path, optimize: bool, views: dict[str, Any]
 ) -> None:
-    """torch runs :class:`AlternatingMirror` itself, keeping the state on its device; over a stream with
-    a reset and a change of frame size it gives ONNX Runtime's results."""
+    """torch runs :class:`AlternatingMirror` (or :class:`RunningTarget`) itself, keeping the state on its
+    device; over a stream with a reset and a change of frame size it gives ONNX Runtime's results."""
     from engines.models import unet
 
-    card = assets.make_random_model(
-        tmp_path, 64, 64, tiny=True, seed=6, alternate=True, instrument_weight=instrument_weight, name="alt"
-    )
+    card = assets.make_random_model(tmp_path, 64, 64, tiny=True, seed=6, name="alt", **views)
     net = torch_backend.build_torch_model(assets.load_model_card(card))
-    assert isinstance(net, unet.AlternatingMirror)
-    assert net.instrument_weight == instrument_weight
+    if views.get("alternate"):
+        assert isinstance(net, unet.AlternatingMirror)
+        assert net.instrument_weight == views.get("instrument_weight", 0.0)
+    else:
+        assert isinstance(net, unet.RunningTarget)
     frames = _sequence()
     big = np.kron(frames[4], np.ones((2, 2), dtype=np.uint8))
     stream = [*frames[:3], None, frames[3], big, frames[4]]

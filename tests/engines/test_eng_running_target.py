@@ -62,7 +62,7 @@ def test_eng_running_card_is_parsed_and_bad_ones_refused(tmp_path: Path) -> None
     )
     assert [t["name"] for t in tt["state_inputs"]] == list(parsed.state_inputs)
     assert tt["passes_per_frame"] == 1
-    bad = [
+    bad: list[tuple[dict[str, Any], str]] = [
         ({"fusion": "median"}, "fusion 'median' is not supported"),
         ({"mirror": "alternate"}, "runs the plain view only"),
         ({"fused_classes": ["instrument", "target"]}, "is not supported with fusion 'running'"),

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from engines.base import CLASS_NAMES, INSTRUMENT, TARGET, EngineError
 from engines.models.preprocess import SINGLE_FRAME_CHANNELS, TEMPORAL_CHANNELS
 from engines.preprocess import Normalization, PreprocessError
-from engines.views import ALTERNATE, FUSE_WEIGHT, RUNNING, AlternatingViews, state_inputs, state_pairs
+from engines.views import ALTERNATE, FUSE_WEIGHT, RUNNING, FusionState, state_inputs, state_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +137,13 @@ class ModelCard:
         self,
         mirror: npt.NDArray[np.float32] | None = None,
         weight: npt.NDArray[np.float32] | None = None,
-    ) -> AlternatingViews | None:
+    ) -> FusionState | None:
         """The view/weight state machine an engine keeps for this model (None: it fuses no frames);
-        ``mirror`` and ``weight`` as :class:`engines.views.AlternatingViews` takes them."""
+        ``mirror`` and ``weight`` as :class:`engines.views.FusionState` takes them."""
         if not self.fuses_frames:
             return None
         share = self.running_target if self.running_target > 0.0 else FUSE_WEIGHT
-        return AlternatingViews(mirror, weight, alternate=self.alternate, previous_share=share)
+        return FusionState(mirror, weight, alternate=self.alternate, previous_share=share)
 
     @property
     def torch_weights_path(self) -> Path:

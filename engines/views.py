@@ -12,7 +12,7 @@ Two kinds of graph keep such state:
   card's ``test_time.fuse_weights.target``. The instrument is this frame's only.
 
 Everything that changes from frame to frame lives outside the graph, in the tensors named here;
-:class:`AlternatingViews` keeps them, backend-agnostic, in preallocated buffers:
+:class:`FusionState` keeps them, backend-agnostic, in preallocated buffers:
 
 * ``view_mirrored`` (1,) float32, alternating views only: 1 when this frame runs mirrored, else 0;
 * ``previous_weight`` (1,) float32: the previous frame's share (0.5 for alternating views, the card's
@@ -72,7 +72,7 @@ def state_pairs(fuse_instrument: bool) -> tuple[tuple[str, str], ...]:
     return (*pairs, (PREVIOUS_INSTRUMENT, INSTRUMENT_LOG_ODDS)) if fuse_instrument else pairs
 
 
-class AlternatingViews:
+class FusionState:
     """Which view the next frame gets, and whether it has a previous frame to fuse with.
 
     ``alternate`` False (a running target): the view stays plain, and ``previous_share`` is the weight

@@ -46,7 +46,7 @@ from engines.base import (
 )
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
-from engines.views import PREVIOUS_WEIGHT, VIEW_MIRRORED, AlternatingViews
+from engines.views import PREVIOUS_WEIGHT, VIEW_MIRRORED, FusionState
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class OnnxRuntimeEngine:
         self._keep: list[Any] = []
         self._device_label = "cpu"
         # models that fuse frames (alternating views, running target): see _bind_views
-        self._views: AlternatingViews | None = None
+        self._views: FusionState | None = None
         #: per state pair (engines.views.state_pairs): (input name, output name, its two buffers' OrtValues)
         self._state: list[tuple[str, str, tuple[Any, Any]]] = []
         self._current = 0

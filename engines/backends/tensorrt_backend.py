@@ -76,7 +76,7 @@ from engines.views import (
     PREVIOUS_WEIGHT,
     TARGET_LOG_ODDS,
     VIEW_MIRRORED,
-    AlternatingViews,
+    FusionState,
 )
 
 logger = logging.getLogger(__name__)
@@ -633,7 +633,7 @@ class _TrtRunner:
         #: Alternating-view state: view flag and weight are pinned host inputs copied with the frame;
         #: the previous log-odds of each fused class stay on the device (copied from the matching output
         #: after each run, engines.views.state_pairs).
-        self.views: AlternatingViews | None = None
+        self.views: FusionState | None = None
         self.state_pairs = card.state_pairs
         self._resident = frozenset(previous for previous, _ in self.state_pairs)  # inputs never copied H2D
         self._state_outputs = frozenset(own for _, own in self.state_pairs)  # outputs never copied D2H

@@ -27,7 +27,7 @@ from engines.assets import ModelAssetError, ModelCard, load_model_card, resolve_
 from engines.base import EngineError, EngineInfo, EngineUnavailable, SegmentationOutput, presence_scores
 from engines.preprocess import Geometry, Preprocessor
 from engines.registry import BackendSpec, register
-from engines.views import AlternatingViews
+from engines.views import FusionState
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class TorchEngine:
         self._presence = False  # the network has a presence head (its gate is applied as in the graph)
         self._presence_threshold = 0.0
         # alternating-view models: host state (engines.views) and its device copies, see _setup_views
-        self._views: AlternatingViews | None = None
+        self._views: FusionState | None = None
         self._pass_view = True  # the graph takes the view flag (alternating views; not a running target)
         #: (mirrored, weight, previous log-odds per fused class in engines.views.state_pairs order)
         self._view_state: tuple[Any, Any, tuple[Any, ...]] | None = None
@@ -234,7 +234,7 @@ class TorchEngine:
 
     def _setup_views(self, torch: Any, card: ModelCard, hw: tuple[int, int]) -> None:
         """State of a model that fuses frames: view flag and weight written by
-        :class:`engines.views.AlternatingViews` (into pinned memory on CUDA, copied to the device with the
+        :class:`engines.views.FusionState` (into pinned memory on CUDA, copied to the device with the
         frame), and the previous log-odds of each fused class (engines.views.state_pairs), device tensors
         the step overwrites in place. A running target's graph takes no view flag: its buffer is kept
         (always 0) but not passed."""

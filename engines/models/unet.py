@@ -343,7 +343,7 @@ class AlternatingMirror(_ViewWrapper):
     without a visible lag; a half lagged a fast catheter by several pixels (runs file, s47).
 
     The engines keep the state (which view is next, the previous log-odds) and forget it on ``reset()``
-    (:class:`engines.views.AlternatingViews`).
+    (:class:`engines.views.FusionState`).
     """
 
     def __init__(self, model: UNet, instrument_weight: float = 0.0) -> None:
@@ -420,7 +420,7 @@ class RunningTarget(_ViewWrapper):
     (:class:`AlternatingMirror`, ultrasound 0.9212), but it leaves the instrument logits exactly the single
     view's, so the tip neither shimmers nor lags; and it steadies the target contour on screen.
 
-    The engines keep the state and forget it on ``reset()`` (:class:`engines.views.AlternatingViews`
+    The engines keep the state and forget it on ``reset()`` (:class:`engines.views.FusionState`
     with ``alternate=False``); a stream that drops frames averages over a longer time.
     """
 

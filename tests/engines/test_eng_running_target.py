@@ -14,14 +14,14 @@ import pytest
 
 from engines import assets
 from engines.backends import onnxruntime_backend, tensorrt_backend
-from engines.views import AlternatingViews
+from engines.views import FusionState
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
 SHARE = 0.7
 
 
 def test_eng_running_state_stays_plain_and_weighs_the_previous_average() -> None:
-    views = AlternatingViews(alternate=False, previous_share=SHARE)
+    views = FusionState(alternate=False, previous_share=SHARE)
     seen = []
     for key in ("a", "a", "a", "b", "b"):
         views.begin(key)
@@ -33,7 +33,7 @@ def test_eng_running_state_stays_plain_and_weighs_the_previous_average() -> None
     assert float(views.weight[0]) == 0.0
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="previous_share must be in"):
-            AlternatingViews(alternate=False, previous_share=bad)
+            FusionState(alternate=False, previous_share=bad)
 
 
 @needs_torch

@@ -14,13 +14,13 @@ import pytest
 from engines import assets
 from engines.backends import onnxruntime_backend, tensorrt_backend, torch_backend
 from engines.base import EngineError
-from engines.views import AlternatingViews
+from engines.views import FusionState
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
 
 
 def test_eng_views_alternate_and_start_again_on_reset_or_new_geometry() -> None:
-    views = AlternatingViews()
+    views = FusionState()
     seen = []
     for key in ("a", "a", "a", "b", "b"):
         views.begin(key)
@@ -42,13 +42,13 @@ def test_eng_views_alternate_and_start_again_on_reset_or_new_geometry() -> None:
 def test_eng_views_write_into_caller_buffers_and_check_them() -> None:
     mirror = np.full(1, -1.0, dtype=np.float32)
     weight = np.full(1, -1.0, dtype=np.float32)
-    views = AlternatingViews(mirror=mirror, weight=weight)
+    views = FusionState(mirror=mirror, weight=weight)
     views.begin()
     views.end()
     views.begin()
     assert (mirror[0], weight[0]) == (1.0, 0.5)
     with pytest.raises(ValueError, match="view_mirrored buffer must be float32"):
-        AlternatingViews(mirror=np.zeros(1, dtype=np.float64))
+        FusionState(mirror=np.zeros(1, dtype=np.float64))
 
 
 def test_eng_card_alternate_is_parsed_and_other_fusions_refused(tmp_path: Path) -> None:
